@@ -1,0 +1,94 @@
+"""`LLM`: the offline entry point, with vLLM's names and shapes."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from forkserve.config import EngineConfig
+from forkserve.engine.engine import Engine, PromptInput
+from forkserve.outputs import RequestOutput
+from forkserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any]
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """Generate from a local Hugging Face checkpoint directory.
+
+    Keyword arguments are engine settings named as in vLLM (dtype, max_model_len, block_size,
+    num_gpu_blocks_override, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed,
+    gpu_memory_utilization, load_format, ...); see `forkserve.config.EngineConfig`.
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.engine = Engine(EngineConfig.from_kwargs(str(model), **kwargs))
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run a batch to completion; outputs come back in input order.
+
+        Every prompt and parameter set is validated before any work starts, so one bad request
+        raises a ValueError naming it and nothing is left half-run.
+        """
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        inputs = [self.engine.make_prompt(p, f"request {i}") for i, p in enumerate(prompt_list)]
+        return self._run(inputs, sampling_params, use_tqdm)
+
+    def chat(self, messages: ChatMessages | Sequence[ChatMessages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then generate."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        inputs: list[PromptInput] = []
+        for i, conversation in enumerate(conversations):
+            label = f"conversation {i}"
+            if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+                raise ValueError(f"{label}: messages must be a non-empty list of {{'role', 'content'}} dicts")
+            text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            inputs.append(self.engine.make_prompt({"prompt_token_ids": ids, "prompt": text}, label))
+        return self._run(inputs, sampling_params, use_tqdm)
+
+    def _run(self, inputs: list[PromptInput],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        params = self._params_per_request(sampling_params, len(inputs))
+        engine = self.engine
+        ids = [f"{next(self._request_counter)}" for _ in inputs]
+        for request_id, prompt, p in zip(ids, inputs, params):
+            engine.add_request(request_id, prompt, p)
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(inputs), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    results[output.request_id] = output
+                    bar.update(1)
+        return [results[i] for i in ids]
+
+    def _params_per_request(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                            count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * count
+        else:
+            params = list(sampling_params)
+            if len(params) != count:
+                raise ValueError(f"got {len(params)} sampling params for {count} prompts: give one, or one per prompt")
+        return [self.engine.check_params(p, f"request {i}") for i, p in enumerate(params)]

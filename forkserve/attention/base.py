@@ -1,0 +1,59 @@
+"""The attention backend interface: one step's flat token batch attends to paged KV."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from forkserve.engine.pages import KVCache
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's new tokens sit in the flat batch and in the page pool.
+
+    Page lists are CSR host tensors (what FlashInfer's planners take, without a device sync);
+    only slot_mapping lives on the device. Query ``i`` of sequence ``b`` sits at position
+    ``context_lens[b] - query_len(b) + i`` and attends to every cached position up to its own.
+    """
+
+    query_start: torch.Tensor  # [B + 1] int32 host, cumulative query lengths
+    kv_indptr: torch.Tensor  # [B + 1] int32 host, sequence b's pages: kv_indices[kv_indptr[b]:kv_indptr[b+1]]
+    kv_indices: torch.Tensor  # [total pages] int32 host, page tables concatenated
+    kv_last_page_len: torch.Tensor  # [B] int32 host, tokens in each last page (1..page_size)
+    context_lens: list[int]  # tokens in KV after this step
+    slot_mapping: torch.Tensor  # [T] int64 on the device, page * page_size + offset of each new token
+    page_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token (a pure decode step)."""
+        return self.num_tokens == self.num_seqs
+
+
+class AttentionBackend(ABC):
+    """Writes a step's new K/V into the cache and computes attention for its queries."""
+
+    def prepare(self, meta: AttentionMetadata, kv_cache: KVCache) -> None:
+        """Per-step planning shared by all layers (kernels that need it override this)."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] (RoPE applied) -> [T, Hq, D]."""
+
+
+def write_kv(layer: int, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows into their page slots."""
+    num_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache.k[layer].view(-1, num_heads, head_dim)[slot_mapping] = k.to(kv_cache.k.dtype)
+    kv_cache.v[layer].view(-1, num_heads, head_dim)[slot_mapping] = v.to(kv_cache.v.dtype)

@@ -1,0 +1,111 @@
+"""Command line: `forkserve make-tiny-model`, `forkserve generate` (also `python -m forkserve`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("forkserve")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags, spelled as vLLM spells them."""
+    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV pool size in pages")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                block_size=args.block_size, num_gpu_blocks_override=args.num_gpu_blocks_override,
+                gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=args.enable_prefix_caching, load_format=args.load_format, seed=args.seed)
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from forkserve.model.tiny import make_tiny_model
+
+    path = make_tiny_model(args.dir, family=args.family, seed=args.seed)
+    print(f"wrote a tiny {args.family} checkpoint to {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from forkserve import LLM, SamplingParams
+
+    if args.input:
+        prompts = [line.rstrip("\n") for line in Path(args.input).read_text().splitlines() if line.strip()]
+    else:
+        prompts = list(args.prompt)
+    if not prompts:
+        print("error: no prompts: give --prompt TEXT (repeatable) or --input FILE", file=sys.stderr)
+        return 2
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sample_seed)
+    start = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    for prompt, output in zip(prompts, outputs):
+        for completion in output.outputs:
+            print(f"--- {prompt!r} (cached prompt tokens: {output.num_cached_tokens}, "
+                  f"finish: {completion.finish_reason})")
+            print(completion.text)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    print(f"\n{len(outputs)} requests, {prompt_tokens} prompt tokens ({cached} from the prefix cache), "
+          f"{generated} generated tokens in {elapsed:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forkserve", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint with a real tokenizer")
+    tiny.add_argument("dir")
+    tiny.add_argument("--family", default="llama", choices=["llama", "qwen2", "qwen3"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    gen = sub.add_parser("generate", help="generate for a batch of prompts")
+    add_engine_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--input", help="a text file with one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,83 @@
+"""Engine settings, named as vLLM names them so that users can carry their flags over."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+# Host memory given to the KV pool on CPU when no size is set (vLLM's CPU backend uses a fixed
+# space too, VLLM_CPU_KVCACHE_SPACE); a GPU pool is sized from free device memory instead.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: torch.device) -> torch.dtype:
+    """'auto' means the checkpoint's dtype on a GPU and float32 on CPU (CPU half math is slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(str(config_dtype), torch.bfloat16)
+    if dtype not in _DTYPES:
+        raise ValueError(f"invalid dtype {dtype!r}: expected 'auto' or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the model weights."""
+
+    model: str
+    tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    seed: int | None = 0
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    # KV cache
+    block_size: int = 16
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    # scheduler
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("num_gpu_blocks_override", "max_model_len", "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"invalid engine setting: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"invalid engine setting: load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: object) -> "EngineConfig":
+        """Build from LLM(...) keyword arguments, naming any unknown one."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(model=model, **kwargs)  # type: ignore[arg-type]

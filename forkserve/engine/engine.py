@@ -1,0 +1,290 @@
+"""The step loop: request lifecycle, stop conditions, detokenisation and outputs."""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import torch
+
+from forkserve.attention.reference import ReferenceBackend
+from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device,
+                              resolve_dtype)
+from forkserve.engine.pages import KVCache, PagePool
+from forkserve.engine.scheduler import ScheduledSeq, Scheduler
+from forkserve.engine.sequence import Request, Sequence
+from forkserve.engine.tree import PrefixTree
+from forkserve.model.config import ModelConfig
+from forkserve.model.loader import load_model
+from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
+from forkserve.runner import ModelRunner
+from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
+from forkserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptInput:
+    """A validated prompt: its token ids and, when given as text, the text."""
+
+    token_ids: list[int]
+    text: str | None = None
+
+
+class Engine:
+    """Loads the model, owns the KV pool, the prefix tree and the scheduler, and steps them."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {self.model_config.max_position_embeddings}")
+        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer or config.model)
+        self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format)
+        self.kv_cache = self._make_kv_cache()
+        self.pool = PagePool(self.kv_cache.num_pages, config.block_size)
+        self.tree = PrefixTree(self.pool, self.kv_cache.copy_pages, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.runner = ModelRunner(self.model, self.kv_cache, ReferenceBackend(),
+                                  Sampler(config.seed, self.device), self.device)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.stop_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.stop_token_ids.add(self.tokenizer.eos_token_id)
+        logger.info("engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
+                    config.model, self.device, self.dtype, self.pool.num_pages, config.block_size,
+                    self.max_model_len)
+
+    # ----------------------------------------------------------------------------- set-up
+    def _make_kv_cache(self) -> KVCache:
+        mc, cfg = self.model_config, self.config
+        page_bytes = KVCache.bytes_per_page(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, self.dtype)
+        if cfg.num_gpu_blocks_override is not None:
+            num_pages = cfg.num_gpu_blocks_override
+        elif cfg.kv_cache_memory_bytes is not None:
+            num_pages = cfg.kv_cache_memory_bytes // page_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * cfg.gpu_memory_utilization - (total - free) - _activation_reserve(self)
+            num_pages = int(budget // page_bytes)
+        else:
+            num_pages = DEFAULT_CPU_KV_CACHE_BYTES // page_bytes
+        if num_pages * cfg.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV pool ({num_pages} pages of {cfg.block_size} tokens) cannot hold one sequence of "
+                f"max_model_len={self.max_model_len} tokens: lower max_model_len or give the pool more pages")
+        return KVCache(num_pages, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                       self.dtype, self.device)
+
+    # ----------------------------------------------------------------------------- requests
+    def make_prompt(self, prompt: object, label: str) -> PromptInput:
+        """Validate one prompt (text or {'prompt_token_ids': [...]}) and tokenize it."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{label}: text prompts need a tokenizer (skip_tokenizer_init is set)")
+            if not prompt:
+                raise ValueError(f"{label}: prompt is empty")
+            return self._check_tokens(self.tokenizer(prompt).input_ids, label, prompt)
+        if isinstance(prompt, dict):
+            unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+            if unknown:
+                raise ValueError(f"{label}: unknown prompt key(s) {unknown}; expected 'prompt' or 'prompt_token_ids'")
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ValueError(f"{label}: prompt_token_ids must be a list of ints")
+                return self._check_tokens(list(ids), label, prompt.get("prompt"))
+            if "prompt" in prompt:
+                return self.make_prompt(prompt["prompt"], label)
+        raise ValueError(f"{label}: a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def _check_tokens(self, ids: list[int], label: str, text: str | None) -> PromptInput:
+        if not ids:
+            raise ValueError(f"{label}: prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"{label}: prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                             "(at least one token must be left to generate)")
+        return PromptInput(ids, text)
+
+    def check_params(self, params: object, label: str) -> SamplingParams:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"{label}: sampling params must be SamplingParams, got {type(params).__name__}")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"{label}: logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}")
+        return params
+
+    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
+        """Enqueue a validated request: one sequence per sample."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, prompt.text, prompt.token_ids, params)
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seq = Sequence(next(self._seq_ids), request, index, list(prompt.token_ids),
+                           len(prompt.token_ids), seed,
+                           logprobs=[] if params.logprobs is not None else None)
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its pages; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.abort(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ----------------------------------------------------------------------------- stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the outputs of requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
+            return []
+        samplers = [item for item in batch if item.samples]
+        rows = [self._sampling_row(item.seq) for item in samplers]
+        result = self.runner.execute(batch, rows)
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if self.config.enable_prefix_caching and item.seq.num_computed_tokens <= item.seq.num_prompt_tokens:
+                # Prefill chunk done: its full pages become reusable by others right away.
+                self.tree.publish(item.seq.kv, item.seq.token_ids[:item.seq.num_computed_tokens])
+        finished: list[RequestOutput] = []
+        if result is not None:
+            for i, item in enumerate(samplers):
+                self._append_token(item.seq, result, i)
+            for item in samplers:
+                request = item.seq.request
+                if item.seq.is_finished and request.is_finished and request.request_id in self.requests:
+                    del self.requests[request.request_id]
+                    finished.append(self.make_output(request))
+        return finished
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.request.params
+        blocked: Seq[int] = ()
+        if seq.num_output_tokens < params.min_tokens:
+            blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
+        return SamplingRow(params, seq.seed, seq.num_output_tokens, seq.token_ids[:seq.num_prompt_tokens],
+                           seq.output_token_ids, blocked)
+
+    def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
+        token = result.token_ids[row]
+        params = seq.request.params
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += result.logprobs[row]
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprob_entry(token, result, row))
+        reason, stop = self._stop_reason(seq, token, params)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop
+            self.scheduler.finish(seq)
+
+    def _logprob_entry(self, token: int, result: SamplerOutput, row: int) -> dict[int, Logprob]:
+        entry = {token: Logprob(result.logprobs[row], result.ranks[row], self._decode_one(token))}
+        for rank, (tid, lp) in enumerate(result.top_logprobs[row] or (), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(lp, rank, self._decode_one(tid))
+        return entry
+
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _stop_reason(self, seq: Sequence, token: int, params: SamplingParams) -> tuple[str | None, int | str | None]:
+        """vLLM's order: stop token ids, EOS, stop strings, then length limits."""
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return "stop", token
+            if not params.ignore_eos and token in self.stop_token_ids:
+                return "stop", None
+            if params.stop and self.tokenizer is not None:
+                hit = self._find_stop_string(seq, params)
+                if hit is not None:
+                    return "stop", hit
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return "length", None
+        if len(seq.token_ids) >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _find_stop_string(self, seq: Sequence, params: SamplingParams) -> str | None:
+        """Decode the output so far; cut the text at the earliest stop string that appeared."""
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        # Only the newly decoded tail (plus room for a stop string straddling it) can hold a new hit.
+        search_from = max(0, len(seq.text) - max(len(s) for s in params.stop) + 1)
+        seq.text = text
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            at = text.find(stop, search_from)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return None
+        at, stop = best
+        seq.text = text[:at + len(stop)] if params.include_stop_str_in_output else text[:at]
+        return stop
+
+    # ----------------------------------------------------------------------------- outputs
+    def make_output(self, request: Request) -> RequestOutput:
+        completions = [self._completion(seq) for seq in request.seqs]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=None,
+            outputs=completions,
+            finished=request.is_finished,
+            num_cached_tokens=request.num_cached_tokens or 0,
+        )
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        params = seq.request.params
+        if seq.stop_reason is not None and isinstance(seq.stop_reason, str):
+            text = seq.text  # already cut at the stop string
+        elif self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        else:
+            text = ""
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=seq.logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+
+
+def _activation_reserve(engine: Engine) -> int:
+    """Bytes kept free for activations and logits of the largest step (rough, on the safe side)."""
+    mc, cfg = engine.model_config, engine.config
+    per_token = (mc.hidden_size * 6 + mc.intermediate_size * 3) * 4
+    logits = cfg.max_num_seqs * mc.vocab_size * 4 * 3
+    return cfg.max_num_batched_tokens * per_token + logits
+
+
+def _load_tokenizer(path: str):
+    """The checkpoint's own tokenizer files; never remote code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)

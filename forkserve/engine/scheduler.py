@@ -1,0 +1,117 @@
+"""Continuous batching: which sequences compute how many tokens in the next step.
+
+Running sequences go first (a decode token, or the next prefill chunk), then waiting ones, under
+the token budget (max_num_batched_tokens), max_num_seqs and the page pool. When pages run out the
+newest running sequence is preempted: its KV is released (full pages stay in the tree as cache)
+and it is recomputed later from its tokens, so nothing is lost and its output does not change.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from forkserve.engine.sequence import Sequence, SequenceStatus
+from forkserve.engine.tree import PrefixTree
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the sequence's last known token, so a new one is drawn."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, tree: PrefixTree, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True) -> None:
+        self.tree = tree
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not self.tree.reserve(seq.kv, seq.num_computed_tokens + n):
+                # Preempt from the back: those were admitted last and are not scheduled yet.
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+        if not preempted:
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: list[ScheduledSeq], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.kv is None:
+                # At least one token is always computed: its logits are needed to sample.
+                seq.kv = self.tree.acquire(seq.token_ids[:-1])
+                seq.num_computed_tokens = seq.kv.prefix_len
+                if seq.request.num_cached_tokens is None:
+                    seq.request.num_cached_tokens = seq.kv.num_cached_tokens
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if (n < remaining and not self.enable_chunked_prefill) or \
+                    not self.tree.reserve(seq.kv, seq.num_computed_tokens + n):
+                self.tree.release(seq.kv)
+                seq.kv = None
+                seq.num_computed_tokens = 0
+                return
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back the sequence's pages; its computed full pages stay in the tree as cache."""
+        self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
+        seq.kv = None
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished sequence and release its KV, keeping its full pages as cache."""
+        self.running.remove(seq)
+        self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
+        seq.kv = None
+        seq.status = SequenceStatus.FINISHED
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is, freeing its pages at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.kv is not None:
+            self.tree.release(seq.kv)
+            seq.kv = None
+        seq.status = SequenceStatus.FINISHED

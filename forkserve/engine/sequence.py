@@ -1,0 +1,64 @@
+"""Requests and the sequences they generate."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from forkserve.engine.tree import SeqKV
+from forkserve.outputs import Logprob
+from forkserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation: its tokens, how far their KV is computed, and its KV handle."""
+
+    seq_id: int
+    request: "Request"
+    index: int  # sample index within the request
+    token_ids: list[int]
+    num_prompt_tokens: int
+    seed: int | None
+    num_computed_tokens: int = 0
+    kv: SeqKV | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""  # set while checking stop strings and at finish
+    num_preemptions: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt with its sampling parameters; it finishes when all its sequences have."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    num_cached_tokens: int | None = None  # prefix-cache hit at first admission, as vLLM reports it
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

@@ -1,0 +1,357 @@
+"""The prefix tree: the single owner of every KV page.
+
+Each page id is, at every moment, in exactly one of: the pool's free list, one tree node's
+`pages`, or one live `SeqKV.own_pages`. Nodes hold page-aligned token runs. A node's
+`ref_count` is the number of live sequences whose path passes through it (cumulative up to the
+root, as SGLang's lock_ref), so it also says how many running sequences share that prefix;
+`pin_count` works the same way for pins. Unreferenced, unpinned leaves are evicted LRU-first.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Callable, Iterable, Iterator, Sequence
+
+from forkserve.engine.pages import OutOfPages, PagePool
+
+CopyPages = Callable[[list[int], list[int]], None]
+
+
+class TreeNode:
+    __slots__ = ("parent", "children", "tokens", "pages", "ref_count", "pin_count", "last_access", "end")
+
+    def __init__(self, parent: TreeNode | None, tokens: list[int], pages: list[int], end: int, clock: int) -> None:
+        self.parent = parent
+        self.children: dict[tuple[int, ...], TreeNode] = {}
+        self.tokens = tokens  # len(tokens) == len(pages) * page_size
+        self.pages = pages
+        self.ref_count = 0
+        self.pin_count = 0
+        self.last_access = clock
+        self.end = end  # tokens from the root to the end of this node
+
+    @property
+    def evictable(self) -> bool:
+        return self.ref_count == 0 and self.pin_count == 0
+
+    def path(self) -> list[TreeNode]:
+        """Nodes from the root's child down to this node (empty for the root)."""
+        nodes = []
+        node: TreeNode | None = self
+        while node is not None and node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+    def __repr__(self) -> str:
+        return f"TreeNode(end={self.end}, pages={len(self.pages)}, ref={self.ref_count}, pin={self.pin_count})"
+
+
+class SeqKV:
+    """One sequence's KV: a locked path in the tree plus the pages only it holds."""
+
+    __slots__ = ("node", "own_pages", "num_cached_tokens", "_path_pages", "_released")
+
+    def __init__(self, node: TreeNode, path_pages: list[int], num_cached_tokens: int) -> None:
+        self.node = node
+        self.own_pages: list[int] = []
+        self.num_cached_tokens = num_cached_tokens
+        self._path_pages = path_pages  # pages of root..node; splits never reorder them
+        self._released = False
+
+    @property
+    def prefix_len(self) -> int:
+        return self.node.end
+
+    @property
+    def path_pages(self) -> list[int]:
+        return self._path_pages
+
+    def page_table(self) -> list[int]:
+        self._check_live()
+        return self._path_pages + self.own_pages
+
+    def capacity(self, page_size: int) -> int:
+        return self.node.end + len(self.own_pages) * page_size
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def _check_live(self) -> None:
+        if self._released:
+            raise RuntimeError("this sequence's KV was already released")
+
+
+class PrefixTree:
+    def __init__(self, pool: PagePool, copy_pages: CopyPages | None = None, enable_caching: bool = True) -> None:
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.copy_pages = copy_pages
+        self.enable_caching = enable_caching
+        self._clock = itertools.count(1)
+        self.root = TreeNode(None, [], [], 0, 0)
+        self._evictable_pages = 0
+
+    # --------------------------------------------------------------------------- accounting
+    @property
+    def num_free_pages(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_evictable_pages(self) -> int:
+        return self._evictable_pages
+
+    @property
+    def num_cached_pages(self) -> int:
+        return sum(len(n.pages) for n in self.iter_nodes())
+
+    def iter_nodes(self) -> Iterator[TreeNode]:
+        """Every node but the root, parents before children."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def _adjust(self, node: TreeNode, ref: int, pin: int) -> None:
+        """Add to ref/pin counts along node's path, keeping the evictable-page count exact."""
+        now = next(self._clock)
+        n: TreeNode | None = node
+        while n is not None:
+            was = n.evictable
+            n.ref_count += ref
+            n.pin_count += pin
+            if n.ref_count < 0 or n.pin_count < 0:
+                raise RuntimeError(f"negative count on {n}")
+            if was != n.evictable:
+                self._evictable_pages += len(n.pages) if n.evictable else -len(n.pages)
+            n.last_access = now
+            n = n.parent
+
+    # --------------------------------------------------------------------------- matching
+    def _key(self, tokens: Sequence[int], start: int = 0) -> tuple[int, ...]:
+        return tuple(tokens[start:start + self.page_size])
+
+    def _matching_pages(self, node: TreeNode, tokens: Sequence[int], pos: int) -> int:
+        """How many of node's pages equal tokens[pos:], page by page (the first is known equal)."""
+        ps = self.page_size
+        k = 1
+        while (k < len(node.pages) and pos + (k + 1) * ps <= len(tokens)
+               and node.tokens[k * ps:(k + 1) * ps] == list(tokens[pos + k * ps:pos + (k + 1) * ps])):
+            k += 1
+        return k
+
+    def _split(self, node: TreeNode, k: int) -> TreeNode:
+        """Cut node after its first k pages; the new upper node is returned, `node` keeps the rest.
+
+        The lower part keeps its identity, so sequences locked on it stay valid, and the page
+        order along every path is unchanged.
+        """
+        ps = self.page_size
+        head = TreeNode(node.parent, node.tokens[:k * ps], node.pages[:k], node.end - (len(node.pages) - k) * ps,
+                        node.last_access)
+        head.ref_count, head.pin_count = node.ref_count, node.pin_count
+        node.parent.children[self._key(head.tokens)] = head
+        node.tokens, node.pages = node.tokens[k * ps:], node.pages[k:]
+        node.parent = head
+        head.children[self._key(node.tokens)] = node
+        return head
+
+    def _walk(self, tokens: Sequence[int], split: bool) -> tuple[TreeNode, int]:
+        """Deepest node whose path equals a page-aligned prefix of tokens, and that prefix's length."""
+        node, pos, ps = self.root, 0, self.page_size
+        while pos + ps <= len(tokens):
+            child = node.children.get(self._key(tokens, pos))
+            if child is None:
+                break
+            k = self._matching_pages(child, tokens, pos)
+            if k < len(child.pages):
+                if split:
+                    node, pos = self._split(child, k), pos + k * ps
+                else:
+                    pos += k * ps
+                break
+            node, pos = child, pos + len(child.pages) * ps
+        return node, pos
+
+    def match_len(self, tokens: Sequence[int]) -> int:
+        """Leading tokens already cached (page-aligned); changes nothing."""
+        return self._walk(tokens, split=False)[1] if self.enable_caching else 0
+
+    def _path_pages(self, node: TreeNode) -> list[int]:
+        return [p for n in node.path() for p in n.pages]
+
+    # --------------------------------------------------------------------------- sequences
+    def acquire(self, tokens: Sequence[int]) -> SeqKV:
+        """A new sequence's KV, starting from the longest cached page-aligned prefix of tokens."""
+        node, matched = self._walk(tokens, split=True) if self.enable_caching else (self.root, 0)
+        self._adjust(node, 1, 0)
+        return SeqKV(node, self._path_pages(node), matched)
+
+    def reserve(self, seq: SeqKV, num_tokens: int) -> bool:
+        """Give seq pages for num_tokens tokens in all, evicting cache if needed; False if impossible."""
+        seq._check_live()
+        need = -(-num_tokens // self.page_size) - len(seq.path_pages) - len(seq.own_pages)
+        if need <= 0:
+            return True
+        if not self._make_room(need):
+            return False
+        seq.own_pages.extend(self.pool.allocate(need))
+        return True
+
+    def _make_room(self, num_pages: int) -> bool:
+        """Free enough cached pages that num_pages can be allocated; evicts nothing if impossible."""
+        if num_pages > self.pool.num_free + self._evictable_pages:
+            return False
+        if num_pages > self.pool.num_free:
+            self.evict(num_pages - self.pool.num_free)
+        return True
+
+    def publish(self, seq: SeqKV, tokens: Sequence[int]) -> None:
+        """Move seq's full, computed own pages into the tree, sharing any identical run already there.
+
+        `tokens` are the sequence's tokens whose KV is computed. Where the tree already holds the
+        same run, the tree's pages are used and the sequence's duplicates go back to the pool.
+        """
+        seq._check_live()
+        ps = self.page_size
+        full = len(tokens) // ps * ps
+        start = seq.prefix_len
+        if full <= start:
+            return
+        run = list(tokens[start:full])
+        num_new = len(run) // ps
+        mine = seq.own_pages[:num_new]
+        node, pos, added = seq.node, 0, []
+        while pos < len(run):
+            child = node.children.get(self._key(run, pos))
+            if child is None:
+                child = TreeNode(node, run[pos:], mine[pos // ps:], node.end + len(run) - pos, next(self._clock))
+                node.children[self._key(run, pos)] = child
+                self._evictable_pages += len(child.pages)  # unreferenced until the lock below
+                added += child.pages
+                node, pos = child, len(run)
+                break
+            k = self._matching_pages(child, run, pos)
+            if k < len(child.pages):
+                child = self._split(child, k)
+            self.pool.free(mine[pos // ps:pos // ps + k])
+            added += child.pages
+            node, pos = child, pos + k * ps
+        self._adjust(node, 1, 0)
+        self._adjust(seq.node, -1, 0)
+        seq.node = node
+        seq.own_pages = seq.own_pages[num_new:]
+        seq._path_pages = seq._path_pages + added
+
+    def release(self, seq: SeqKV, tokens: Sequence[int] | None = None) -> None:
+        """End a sequence: keep its computed full pages as cache (if caching), free the rest."""
+        seq._check_live()
+        if self.enable_caching and tokens is not None:
+            self.publish(seq, tokens)
+        self.pool.free(seq.own_pages)
+        seq.own_pages = []
+        self._adjust(seq.node, -1, 0)
+        seq._released = True
+        if not self.enable_caching:
+            self._drop_unused(seq.node)
+
+    def fork(self, seq: SeqKV, tokens: Sequence[int], k: int) -> list[SeqKV]:
+        """k sequences sharing seq's KV: full pages through the tree, the partial last page copied."""
+        seq._check_live()
+        partial = len(tokens) % self.page_size != 0
+        if partial and self.copy_pages is None:
+            raise RuntimeError("forking a partly filled page needs a copy_pages callback")
+        if not self._make_room(k if partial else 0):
+            raise OutOfPages(f"forking {k} sequences needs {k} pages for their partial last pages")
+        self.publish(seq, tokens)
+        children = []
+        for _ in range(k):
+            self._adjust(seq.node, 1, 0)
+            children.append(SeqKV(seq.node, list(seq.path_pages), seq.num_cached_tokens))
+        if partial:
+            copies = self.pool.allocate(k)
+            self.copy_pages([seq.own_pages[0]] * k, copies)
+            for child, page in zip(children, copies):
+                child.own_pages = [page]
+        return children
+
+    # --------------------------------------------------------------------------- pins, eviction
+    def pin(self, node: TreeNode) -> None:
+        """Keep node and its ancestors resident until unpinned."""
+        self._adjust(node, 0, 1)
+
+    def unpin(self, node: TreeNode) -> None:
+        if node.pin_count < 1:
+            raise ValueError(f"unpin of a node that is not pinned: {node}")
+        self._adjust(node, 0, -1)
+        if not self.enable_caching:
+            self._drop_unused(node)
+
+    def _remove_leaf(self, node: TreeNode) -> None:
+        self.pool.free(node.pages)
+        self._evictable_pages -= len(node.pages)
+        del node.parent.children[self._key(node.tokens)]
+        node.parent = None
+
+    def _drop_unused(self, node: TreeNode) -> None:
+        """Without caching, a node nobody holds is freed at once, leaf upwards."""
+        while node.parent is not None and node.evictable and not node.children:
+            parent = node.parent
+            self._remove_leaf(node)
+            node = parent
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least num_pages from least recently used unheld leaves (fewer if not possible)."""
+        heap = [(n.last_access, id(n), n) for n in self.iter_nodes() if n.evictable and not n.children]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_pages:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            freed += len(node.pages)
+            self._remove_leaf(node)
+            if parent.parent is not None and parent.evictable and not parent.children:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    # --------------------------------------------------------------------------- checking
+    def check_invariants(self, live: Iterable[SeqKV] | None = None) -> None:
+        """Assert page ownership, counts and structure are exact (tests call this a lot).
+
+        With `live` (every SeqKV not yet released), ref counts are checked exactly too.
+        """
+        ps = self.page_size
+        owner: dict[int, str] = {}
+
+        def own(page: int, who: str) -> None:
+            assert page not in owner, f"page {page} held by both {owner[page]} and {who}"
+            owner[page] = who
+
+        for page in range(self.pool.num_pages):
+            if self.pool.is_free(page):
+                own(page, "free list")
+        refs: dict[int, int] = {}
+        for seq in live or ():
+            assert not seq.released
+            for page in seq.own_pages:
+                own(page, "a sequence")
+            assert seq.path_pages == self._path_pages(seq.node), "stale path pages"
+            for node in seq.node.path():
+                refs[id(node)] = refs.get(id(node), 0) + 1
+        evictable = 0
+        for node in self.iter_nodes():
+            for page in node.pages:
+                own(page, repr(node))
+            assert len(node.tokens) == len(node.pages) * ps and node.pages, f"unaligned or empty {node}"
+            assert node.parent.children[self._key(node.tokens)] is node, "child key mismatch"
+            assert node.end == node.parent.end + len(node.tokens), "wrong end offset"
+            assert node.ref_count >= 0 and node.pin_count >= 0
+            if live is not None:
+                assert node.ref_count == refs.get(id(node), 0), f"ref count of {node} != {refs.get(id(node), 0)}"
+            assert node.ref_count >= sum(c.ref_count for c in node.children.values())
+            assert node.pin_count >= sum(c.pin_count for c in node.children.values())
+            evictable += len(node.pages) if node.evictable else 0
+        assert len(owner) == self.pool.num_pages, "pages lost"
+        assert evictable == self._evictable_pages, f"evictable count {self._evictable_pages} != {evictable}"

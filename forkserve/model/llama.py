@@ -1,0 +1,82 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over flat, varlen token batches.
+
+q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs on a GPU). Attention and
+the KV cache are not the model's business: each layer hands its q/k/v to a callback.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from forkserve.model.config import ModelConfig
+from forkserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+
+# attention(layer_index, q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D]) -> [T, Hq, D]
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device | str) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, bias=bias, dtype=dtype, device=device)
+    layer.requires_grad_(False)
+    return layer
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, index: int, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        c = config
+        self.index = index
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.qkv_proj = _linear(c.hidden_size, self.q_size + 2 * self.kv_size, c.qkv_bias, dtype, device)
+        self.o_proj = _linear(self.q_size, c.hidden_size, False, dtype, device)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.gate_up_proj = _linear(c.hidden_size, 2 * c.intermediate_size, False, dtype, device)
+        self.down_proj = _linear(c.intermediate_size, c.hidden_size, False, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                attention: AttentionFn) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        attn = attention(self.index, q, k, v).reshape(tokens, self.q_size)
+        hidden = hidden + self.o_proj(attn)
+        mlp = self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden))))
+        return hidden + mlp
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(i, c, dtype, device) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, device)
+        if c.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _linear(c.hidden_size, c.vocab_size, False, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, positions, self.rotary, attention)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()

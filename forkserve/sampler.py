@@ -1,0 +1,168 @@
+"""Logits to tokens: penalties, temperature, min-p, top-k, top-p, seeded draws, logprobs.
+
+Draws use the exponential race, ``argmax(probs / E)`` with ``E = -log(U)``. For a seeded row,
+U is a counter-based hash of (seed, step, token id), so a seeded request draws the same tokens
+whatever else shares its batch and whichever row it lands on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from forkserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence that draws a token this step."""
+
+    params: SamplingParams
+    seed: int | None  # None: use the sampler's own generator
+    step: int  # index of the token being drawn (output tokens so far)
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    blocked_token_ids: Sequence[int] = ()  # masked this step (e.g. EOS before min_tokens)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # raw log-softmax at the drawn token (vLLM's default logprobs mode)
+    ranks: list[int]  # 1-based rank of the drawn token among the raw logits
+    top_logprobs: list[list[tuple[int, float]] | None]  # top-k (token, logprob) where asked for
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser: int64 multiplication wraps, which is what the hash wants."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, V] floats strictly inside (0, 1), a pure function of (seed, step, token id)."""
+    row = _mix64(_mix64(seeds.long() * _GOLDEN + 1) + steps.long())
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.long) * _GOLDEN
+    bits = _shift_right(_mix64(row[:, None] ^ token[None, :]), 40)  # top 24 bits
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+
+
+def _pad(rows: list[Sequence[int]], fill: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long,
+                        device=device).reshape(len(rows), width)
+
+
+class Sampler:
+    def __init__(self, seed: int | None = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, rows)
+        blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
+        if blocked:
+            index = torch.tensor(blocked, dtype=torch.long, device=logits.device)
+            logits[index[:, 0], index[:, 1]] = float("-inf")
+        greedy = [r.params.greedy for r in rows]
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            drawn = self._draw(logits, rows)
+            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, drawn)
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+        k = max((r.params.logprobs or 0) for r in rows)
+        top = torch.topk(raw_logprobs, k, dim=-1) if k else None
+        token_list, rank_list = torch.stack([tokens, ranks]).tolist()
+        logprob_list = chosen.tolist()
+        top_values = top.values.tolist() if top is not None else None
+        top_ids = top.indices.tolist() if top is not None else None
+        top_logprobs: list[list[tuple[int, float]] | None] = []
+        for i, row in enumerate(rows):
+            want = row.params.logprobs
+            if want is None:
+                top_logprobs.append(None)
+            else:
+                top_logprobs.append(list(zip(top_ids[i][:want], top_values[i][:want])) if want else [])
+        return SamplerOutput(token_list, logprob_list, rank_list, top_logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """vLLM's penalties: repetition over prompt and output, frequency and presence over output."""
+        params = [r.params for r in rows]
+        use_rep = any(p.repetition_penalty != 1.0 for p in params)
+        use_out = any(p.frequency_penalty or p.presence_penalty for p in params)
+        if not (use_rep or use_out):
+            return logits
+        n, vocab = logits.shape
+        dev = logits.device
+        outputs = _pad([r.output_token_ids for r in rows], vocab, dev)
+        counts = torch.zeros(n, vocab + 1, device=dev).scatter_add_(1, outputs, torch.ones_like(outputs, dtype=torch.float))[:, :vocab]
+        if use_rep:
+            prompts = _pad([r.prompt_token_ids for r in rows], vocab, dev)
+            seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, prompts, True)[:, :vocab] | (counts > 0)
+            rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+            logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        if use_out:
+            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+            pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+            logits = logits - freq * counts - pres * (counts > 0).float()
+        return logits
+
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Random draws for every row (greedy rows are overridden by the caller)."""
+        n, vocab = logits.shape
+        dev = logits.device
+        params = [r.params for r in rows]
+        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            probs = self._top_k_top_p(probs, params)
+        return (probs / self._exponential(rows, vocab, dev)).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        vocab = probs.shape[1]
+        dev = probs.device
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)[:, None]
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        position = torch.arange(vocab, device=dev)[None, :]
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
+        drop = (position >= top_k) | (before >= top_p * sorted_probs.sum(dim=-1, keepdim=True))
+        drop[:, 0] = False  # always keep the most likely token
+        return torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
+
+    def _exponential(self, rows: Sequence[SamplingRow], vocab: int, dev: torch.device) -> torch.Tensor:
+        uniform = torch.empty(len(rows), vocab, device=dev)
+        seeded = [i for i, r in enumerate(rows) if r.seed is not None]
+        unseeded = [i for i, r in enumerate(rows) if r.seed is None]
+        if seeded:
+            seeds = torch.tensor([rows[i].seed % (1 << 63) for i in seeded], device=dev)
+            steps = torch.tensor([rows[i].step for i in seeded], device=dev)
+            uniform[seeded] = seeded_uniform(seeds, steps, vocab)
+        if unseeded:
+            uniform[unseeded] = torch.rand(len(unseeded), vocab, device=dev, generator=self.generator).clamp_(min=1e-20)
+        return -torch.log(uniform)

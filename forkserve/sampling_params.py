@@ -1,0 +1,133 @@
+"""`SamplingParams`: vLLM's names and defaults, validated when built."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+_GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily
+MAX_LOGPROBS = 20
+
+
+def _fail(name: str, why: str, value: Any) -> ValueError:
+    return ValueError(f"invalid SamplingParams: {name} {why}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self) if f.init}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"invalid SamplingParams: unknown field(s) {', '.join(unknown)}")
+        for f in dataclasses.fields(self):
+            if f.init:
+                setattr(self, f.name, kwargs.get(f.name, f.default))
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SamplingParams":
+        if not isinstance(values, dict):
+            raise ValueError(f"invalid SamplingParams: expected a dict, got {type(values).__name__}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        """A copy with some fields changed, validated again."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        values.update(changes)
+        return SamplingParams(**values)
+
+    clone = replace
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_TEMPERATURE
+
+    def _validate(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
+            if not _is_number(getattr(self, name)):
+                raise _fail(name, "must be a number", getattr(self, name))
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("n", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise _fail(name, "must be an integer", getattr(self, name))
+        for name in ("best_of", "seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise _fail(name, "must be an integer or None", value)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, "must be true or false", getattr(self, name))
+        if self.n < 1:
+            raise _fail("n", "must be at least 1", self.n)
+        if self.best_of is not None and self.best_of < self.n:
+            raise _fail("best_of", f"must be at least n ({self.n})", self.best_of)
+        if self.temperature < 0:
+            raise _fail("temperature", "must be non-negative", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise _fail("top_p", "must be in (0, 1]", self.top_p)
+        if self.top_k < -1:
+            raise _fail("top_k", "must be -1 or 0 (disabled) or at least 1", self.top_k)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise _fail("min_p", "must be in [0, 1]", self.min_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise _fail(name, "must be in [-2, 2]", getattr(self, name))
+        if self.repetition_penalty <= 0:
+            raise _fail("repetition_penalty", "must be positive", self.repetition_penalty)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise _fail("max_tokens", "must be at least 1", self.max_tokens)
+        if self.min_tokens < 0:
+            raise _fail("min_tokens", "must be non-negative", self.min_tokens)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _fail("min_tokens", f"must not exceed max_tokens ({self.max_tokens})", self.min_tokens)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
+        if self.prompt_logprobs is not None:
+            raise _fail("prompt_logprobs", "is not supported yet", self.prompt_logprobs)
+        self.stop = self._stop_list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, (list, tuple)) or \
+                not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise _fail("stop_token_ids", "must be a list of non-negative token ids", self.stop_token_ids)
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @staticmethod
+    def _stop_list(stop: Any) -> list[str]:
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise _fail("stop", "must be a string or a list of strings", stop)
+        if any(s == "" for s in stops):
+            raise _fail("stop", "must not contain an empty string", stop)
+        return list(stops)
