@@ -1,4 +1,4 @@
-"""Command line: `forkserve make-tiny-model`, `forkserve generate` (also `python -m forkserve`)."""
+"""Command line: `forkserve make-tiny-model / generate / bench` (also `python -m forkserve`)."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     gen.set_defaults(func=cmd_generate)
+
+    from forkserve.bench.run import add_bench_args, cmd_bench
+
+    bench = sub.add_parser("bench", help="time the shared workloads on forkserve and vLLM (random weights)")
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

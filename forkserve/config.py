@@ -58,6 +58,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     max_logprobs: int = 20
+    attention_backend: str = "auto"  # auto: flashinfer on CUDA, reference elsewhere
+    enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -70,6 +72,9 @@ class EngineConfig:
                 raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {value!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"invalid engine setting: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention_backend not in ("auto", "flashinfer", "reference"):
+            raise ValueError(f"invalid engine setting: attention_backend must be 'auto', 'flashinfer' or 'reference', "
+                             f"got {self.attention_backend!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"invalid engine setting: load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
 

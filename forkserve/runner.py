@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata
+from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.engine.pages import KVCache
 from forkserve.engine.scheduler import ScheduledSeq
 from forkserve.model.llama import LlamaForCausalLM
@@ -48,23 +49,27 @@ class ModelRunner:
     """Owns the model, the KV tensors and the attention backend for one device."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: AttentionBackend,
-                 sampler: Sampler, device: torch.device) -> None:
+                 sampler: Sampler, device: torch.device, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.sampler = sampler
         self.device = device
+        self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], rows: list[SamplingRow]) -> SamplerOutput | None:
         """Run one step; `rows` describe, in batch order, the sequences that sample this step."""
         input_ids, positions, meta = build_metadata(batch, self.kv_cache.page_size, self.device)
-        self.backend.prepare(meta, self.kv_cache)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            self.backend.prepare(meta, self.kv_cache)
 
-        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return self.backend.forward(layer, q, k, v, self.kv_cache, meta)
+            def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return self.backend.forward(layer, q, k, v, self.kv_cache, meta)
 
-        hidden = self.model(input_ids, positions, attention)
+            hidden = self.model(input_ids, positions, attention)
         if not rows:
             return None
         query_ends = meta.query_start.tolist()[1:]

@@ -2,7 +2,8 @@
 
 A step is planned once (on host tensors, so planning never waits for the GPU) and every layer
 reuses the plan. Pure decode steps use the decode kernel (tensor cores for grouped-query heads);
-steps with prefill chunks use the ragged-query prefill kernel over paged KV.
+steps with prefill chunks use the ragged-query prefill kernel over paged KV. Decode wrappers
+bound to fixed buffers serve the CUDA graphs (see forkserve/cuda_graphs.py).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from forkserve.attention.base import AttentionBackend, AttentionMetadata, write_kv
 from forkserve.engine.pages import KVCache
 
-WORKSPACE_BYTES = 256 << 20
+WORKSPACE_BYTES = 768 << 20  # split-kv partials of a 1024-row decode step need ~320 MB
 
 
 class FlashInferBackend(AttentionBackend):
@@ -19,25 +20,42 @@ class FlashInferBackend(AttentionBackend):
                  device: torch.device) -> None:
         import flashinfer  # imported here: CPU installs never need it
 
+        self._flashinfer = flashinfer
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.dtype = dtype
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._active = self._decode
 
     def prepare(self, meta: AttentionMetadata, kv_cache: KVCache) -> None:
-        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, meta.page_size)
         if meta.is_decode:
-            self._decode.plan(meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, *heads,
-                              q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
+            self.plan_decode(self._decode, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, kv_cache)
             self._active = self._decode
         else:
             self._prefill.plan(meta.query_start, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
-                               *heads, causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
+                               self.num_q_heads, self.num_kv_heads, self.head_dim, kv_cache.page_size,
+                               causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
             self._active = self._prefill
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        write_kv(layer, k, v, kv_cache, meta.slot_mapping)
-        return self._active.run(q.contiguous(), (kv_cache.k[layer], kv_cache.v[layer]))
+        return self.run(self._active, layer, q, k, v, kv_cache, meta.slot_mapping)
+
+    # ---------------------------------------------------------------- pieces the CUDA graphs reuse
+    def graph_decode_wrapper(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
+        """A decode wrapper whose plan lands in these fixed device buffers (graph-capturable)."""
+        return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=indptr,
+            paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_page_len)
+
+    def plan_decode(self, wrapper, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                    kv_last_page_len: torch.Tensor, kv_cache: KVCache) -> None:
+        wrapper.plan(kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads, self.head_dim,
+                     kv_cache.page_size, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
+
+    @staticmethod
+    def run(wrapper, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+            slot_mapping: torch.Tensor) -> torch.Tensor:
+        write_kv(layer, k, v, kv_cache, slot_mapping)
+        return wrapper.run(q.contiguous(), (kv_cache.k[layer], kv_cache.v[layer]))

@@ -8,6 +8,8 @@ from typing import Sequence as Seq
 
 import torch
 
+from forkserve.attention.base import AttentionBackend
+from forkserve.attention.flashinfer import FlashInferBackend
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device,
                               resolve_dtype)
@@ -19,6 +21,7 @@ from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
 from forkserve.runner import ModelRunner
+from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
 from forkserve.sampling_params import SamplingParams
 
@@ -52,10 +55,12 @@ class Engine:
         self.tree = PrefixTree(self.pool, self.kv_cache.copy_pages, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.kv_cache, ReferenceBackend(),
-                                  Sampler(config.seed, self.device), self.device)
+        backend = self._make_backend()
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, Sampler(config.seed, self.device),
+                                  self.device, self._make_graphs(backend))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self.counters = EngineCounters()
         self.stop_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(self.tokenizer.eos_token_id)
@@ -83,6 +88,24 @@ class Engine:
                 f"max_model_len={self.max_model_len} tokens: lower max_model_len or give the pool more pages")
         return KVCache(num_pages, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
                        self.dtype, self.device)
+
+    def _make_backend(self) -> AttentionBackend:
+        """FlashInfer on a GPU, the pure-torch reference elsewhere (or when asked for)."""
+        choice = self.config.attention_backend
+        if choice == "auto":
+            choice = "flashinfer" if self.device.type == "cuda" else "reference"
+        if choice == "reference":
+            return ReferenceBackend()
+        if self.device.type != "cuda":
+            raise ValueError(f"attention_backend={choice!r} needs a CUDA device, got {self.device}")
+        mc = self.model_config
+        return FlashInferBackend(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+
+    def _make_graphs(self, backend: AttentionBackend) -> DecodeGraphs | None:
+        if self.config.enforce_eager or self.device.type != "cuda" or not isinstance(backend, FlashInferBackend):
+            return None
+        max_pages = -(-self.max_model_len // self.config.block_size)
+        return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, max_pages, self.device)
 
     # ----------------------------------------------------------------------------- requests
     def make_prompt(self, prompt: object, label: str) -> PromptInput:
@@ -130,6 +153,7 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, prompt.text, prompt.token_ids, params)
+        self.counters.prompt_tokens += len(prompt.token_ids) * params.n
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             seq = Sequence(next(self._seq_ids), request, index, list(prompt.token_ids),
@@ -160,6 +184,7 @@ class Engine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
             return []
+        self.counters.record_step(batch, self.pool.num_pages - self.pool.num_free)
         samplers = [item for item in batch if item.samples]
         rows = [self._sampling_row(item.seq) for item in samplers]
         result = self.runner.execute(batch, rows)
@@ -243,6 +268,13 @@ class Engine:
         seq.text = text[:at + len(stop)] if params.include_stop_str_in_output else text[:at]
         return stop
 
+    def stats(self) -> dict[str, int | float]:
+        """Totals since start: what was computed, what the prefix tree saved, peak pages."""
+        c = self.counters
+        return dict(prompt_tokens=c.prompt_tokens, prefill_tokens_computed=c.prefill_tokens,
+                    decode_tokens=c.decode_tokens, peak_pages_in_use=c.peak_pages, steps=c.steps,
+                    preemptions=self.scheduler.num_preemptions, kv_pages=self.pool.num_pages)
+
     # ----------------------------------------------------------------------------- outputs
     def make_output(self, request: Request) -> RequestOutput:
         completions = [self._completion(seq) for seq in request.seqs]
@@ -273,6 +305,25 @@ class Engine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+
+@dataclass
+class EngineCounters:
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # tokens computed other than one-token decodes (recomputation included)
+    decode_tokens: int = 0
+    peak_pages: int = 0
+    steps: int = 0
+
+    def record_step(self, batch: list[ScheduledSeq], pages_in_use: int) -> None:
+        self.steps += 1
+        self.peak_pages = max(self.peak_pages, pages_in_use)
+        for item in batch:
+            seq = item.seq
+            if item.num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self.decode_tokens += 1
+            else:
+                self.prefill_tokens += item.num_new_tokens
 
 
 def _activation_reserve(engine: Engine) -> int:

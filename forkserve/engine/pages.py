@@ -51,13 +51,16 @@ class KVCache:
 
     One tensor per K and V (not one per layer) so that copy-on-write of a page is one indexed
     copy over all layers, and a layer's view is the NHD paged layout attention kernels take.
+    One extra page past num_pages, `scratch_page`, belongs to no pool: padded rows of a
+    CUDA-graph batch write to and read from it.
     """
 
     def __init__(self, num_pages: int, page_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_pages + 1, page_size, num_kv_heads, head_dim)
         self.num_pages = num_pages
         self.page_size = page_size
+        self.scratch_page = num_pages
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 

@@ -39,14 +39,14 @@ requests join a running batch at every step, and finished ones leave it at once.
 """
 
 _DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6)
+             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 _INIT_STD = 0.15  # larger than HF's 0.02 so that greedy top-2 logits are rarely near-ties
 
 
-def _hf_config(family: str, vocab_size: int, eos: int):
+def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(_DIMS, vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    common = dict(_DIMS, head_dim=head_dim, vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                   initializer_range=_INIT_STD, torch_dtype="float32")
     if family == "llama":
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -75,8 +75,11 @@ def _train_tokenizer(vocab_size: int):
 
 
 @torch.no_grad()
-def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and tokenizer files of a tiny `family` model."""
+def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, head_dim: int = 16) -> Path:
+    """Write config.json, model.safetensors and tokenizer files of a tiny `family` model.
+
+    GPU kernels need head_dim >= 64; the CPU tests use 16 to stay fast.
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if family not in FAMILIES:
@@ -85,7 +88,7 @@ def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0) -
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(vocab_size=1024)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = _hf_config(family, len(tokenizer), eos)
+    config = _hf_config(family, len(tokenizer), eos, head_dim)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)

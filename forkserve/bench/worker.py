@@ -1,0 +1,85 @@
+"""One engine, timed on the workloads, in its own process (so two engines never share a GPU's memory).
+
+Run as `python -m forkserve.bench.worker ENGINE CONFIG_DIR WORKLOADS SCALE JSON_ENGINE_ARGS`; prints
+one `RESULT {json}` line per workload as it finishes, so a partial run still shows numbers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+from forkserve.bench.workloads import Workload, build
+
+logger = logging.getLogger("forkserve.bench")
+
+Generate = Callable[[Workload], list[Any]]
+
+
+def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> tuple[Generate, Callable[[], dict]]:
+    import torch
+
+    from forkserve import LLM, SamplingParams
+
+    on_gpu = torch.cuda.is_available() and engine_args.get("device", "auto") != "cpu"
+    args = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16" if on_gpu else "float32",
+                enable_prefix_caching=True, seed=0)
+    args.update(engine_args)
+    llm = LLM(model_dir, **args)
+
+    def generate(w: Workload) -> list[Any]:
+        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in w.requests]
+        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
+                  for r in w.requests]
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    return generate, lambda: llm.engine.stats() if hasattr(llm.engine, "stats") else {}
+
+
+def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> tuple[Generate, Callable[[], dict]]:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              gpu_memory_utilization=0.90, enable_prefix_caching=True, seed=0)
+
+    def generate(w: Workload) -> list[Any]:
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in w.requests]
+        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
+                  for r in w.requests]
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    return generate, dict
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """Counters for one workload; peaks and sizes are reported as they stand."""
+    return {k: v - before.get(k, 0) if k not in ("peak_pages_in_use", "kv_pages") else v for k, v in after.items()}
+
+
+def main(argv: list[str]) -> int:
+    engine, model_dir, names, scale, engine_args = argv[0], argv[1], argv[2].split(","), int(argv[3]), json.loads(argv[4])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    generate, stats = (vllm_runner if engine == "vllm" else forkserve_runner)(model_dir, engine_args)
+    print(f"STARTUP {time.perf_counter() - start:.1f}", flush=True)
+    generate(Workload("warmup", build("nosharing", 256).requests[:1], 0.6))
+    for name in names:
+        w = build(name, scale)
+        before = stats()
+        t = time.perf_counter()
+        outputs = generate(w)
+        seconds = time.perf_counter() - t
+        out_tok = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        in_tok = sum(len(o.prompt_token_ids) for o in outputs)
+        result = dict(engine=engine, workload=name, seconds=round(seconds, 3), prompt_tokens=in_tok,
+                      output_tokens=out_tok, output_tok_s=round(out_tok / seconds, 1),
+                      total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=_delta(before, stats()))
+        print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+"""The benchmark workloads, built exactly as ../shared/bench/workloads.py builds them.
+
+Same random generator, same calls in the same order, so the request lists are identical (a
+test checks this whenever ../shared is present).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+VOCAB = 32000  # token ids drawn below this: valid for Llama and Qwen vocabularies
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt_token_ids: list[int]
+    max_tokens: int
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    requests: list[BenchRequest]
+    temperature: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt_token_ids) for r in self.requests)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.max_tokens * r.n for r in self.requests)
+
+
+def _ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, VOCAB) for _ in range(n)]
+
+
+def shared_prefix(seed: int = 0, groups: int = 32, per_group: int = 64, prefix_len: int = 2000,
+                  suffix_len: int = 100, out_len: int = 128) -> list[BenchRequest]:
+    """Offline batch (BatchLLM): groups of requests share a long prefix; order shuffled."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(groups):
+        prefix = _ids(rng, prefix_len)
+        for _ in range(per_group):
+            reqs.append(BenchRequest(prefix + _ids(rng, suffix_len), out_len))
+    rng.shuffle(reqs)
+    return reqs
+
+
+def parallel_samples(seed: int = 1, prompts: int = 64, n: int = 32, prompt_len: int = 1000,
+                     out_len: int = 512) -> list[BenchRequest]:
+    """Test-time scaling: n samples per prompt."""
+    rng = random.Random(seed)
+    return [BenchRequest(_ids(rng, prompt_len), out_len, n) for _ in range(prompts)]
+
+
+def no_sharing(seed: int = 2, num: int = 256, lo: int = 100, hi: int = 1024) -> list[BenchRequest]:
+    """nano-vllm's bench: random prompts of 100-1024 tokens, outputs of 100-1024 tokens."""
+    rng = random.Random(seed)
+    return [BenchRequest(_ids(rng, rng.randint(lo, hi)), rng.randint(lo, hi)) for _ in range(num)]
+
+
+def build(name: str, scale: int = 1) -> Workload:
+    """A workload by name; scale > 1 shrinks counts and lengths for smoke tests on CPU."""
+    if name == "nosharing":
+        reqs = no_sharing(num=256 // scale, lo=max(1, 100 // scale), hi=max(2, 1024 // scale))
+        return Workload(name, reqs, 0.6)
+    if name == "sharedprefix":
+        reqs = shared_prefix(groups=max(1, 32 // scale), per_group=max(1, 64 // scale),
+                             prefix_len=2000 // scale, suffix_len=max(1, 100 // scale), out_len=max(1, 128 // scale))
+        return Workload(name, reqs, 0.6)
+    if name == "samples":
+        reqs = parallel_samples(prompts=max(1, 64 // scale), n=max(1, 32 // scale), prompt_len=1000 // scale,
+                                out_len=max(1, 512 // scale))
+        return Workload(name, reqs, 0.8)
+    raise ValueError(f"unknown workload {name!r}: choose from nosharing, sharedprefix, samples")
+
+
+WORKLOADS = ("nosharing", "sharedprefix", "samples")
