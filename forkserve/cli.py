@@ -1,4 +1,4 @@
-"""Command line: `forkserve make-tiny-model / generate / bench` (also `python -m forkserve`)."""
+"""Command line: `forkserve make-tiny-model / generate / bench / run-batch / serve` (also `python -m forkserve`)."""
 from __future__ import annotations
 
 import argparse
@@ -76,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forkserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=None, help="default: WARNING (INFO for run-batch and serve)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint with a real tokenizer")
@@ -104,12 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the shared workloads on forkserve and vLLM (random weights)")
     add_bench_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from forkserve.entrypoints.commands import add_run_batch_args, add_serve_args, cmd_run_batch, cmd_serve
+
+    batch = sub.add_parser("run-batch", help="run an OpenAI Batch API file (.jsonl), resumably")
+    add_run_batch_args(batch)
+    batch.set_defaults(func=cmd_run_batch)
+
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API (completions, chat, streaming)")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or getattr(args, "default_log_level", "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -1,6 +1,9 @@
 """Turns a scheduled step into tensors, runs the model over the paged KV cache, and samples."""
 from __future__ import annotations
 
+from array import array
+
+import numpy as np
 import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata
@@ -12,37 +15,43 @@ from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
 
 
 def build_metadata(batch: list[ScheduledSeq], page_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """Flat input ids and positions of the step's new tokens, plus where their KV lives."""
+    """Flat input ids and positions of the step's new tokens, plus where their KV lives.
+
+    The only per-sequence Python work is slicing C arrays; everything per token is numpy, and
+    ids, positions and slots reach the device in one copy.
+    """
+    num_seqs = len(batch)
     input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    query_start = [0]
-    context_lens: list[int] = []
-    kv_indptr = [0]
-    kv_indices: list[int] = []
-    for item in batch:
+    kv_indices = array("i")
+    kv_indptr = np.zeros(num_seqs + 1, dtype=np.int32)
+    starts = np.empty(num_seqs, dtype=np.int64)
+    new_tokens = np.empty(num_seqs, dtype=np.int64)
+    for b, item in enumerate(batch):
         seq, start = item.seq, item.seq.num_computed_tokens
         end = start + item.num_new_tokens
-        table = seq.kv.page_table()
         input_ids.extend(seq.token_ids[start:end])
-        positions.extend(range(start, end))
-        slots.extend(table[p // page_size] * page_size + p % page_size for p in range(start, end))
-        query_start.append(query_start[-1] + item.num_new_tokens)
-        context_lens.append(end)
-        kv_indices.extend(table[:-(-end // page_size)])
-        kv_indptr.append(len(kv_indices))
+        kv_indices.extend(seq.kv.page_table()[:-(-end // page_size)])
+        kv_indptr[b + 1] = len(kv_indices)
+        starts[b], new_tokens[b] = start, item.num_new_tokens
+    query_start = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(new_tokens, out=query_start[1:])
+    context_lens = starts + new_tokens
+    pages = np.frombuffer(kv_indices, dtype=np.int32)
+    row_of_token = np.repeat(np.arange(num_seqs), new_tokens)
+    positions = np.arange(len(input_ids)) - query_start[:-1][row_of_token] + starts[row_of_token]
+    slots = pages[kv_indptr[:-1][row_of_token] + positions // page_size].astype(np.int64) * page_size \
+        + positions % page_size
+    on_device = torch.from_numpy(np.stack([np.asarray(input_ids, dtype=np.int64), positions, slots])).to(device)
     meta = AttentionMetadata(
-        query_start=torch.tensor(query_start, dtype=torch.int32),
-        kv_indptr=torch.tensor(kv_indptr, dtype=torch.int32),
-        kv_indices=torch.tensor(kv_indices, dtype=torch.int32),
-        kv_last_page_len=torch.tensor([(n - 1) % page_size + 1 for n in context_lens], dtype=torch.int32),
-        context_lens=context_lens,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start=torch.from_numpy(query_start),
+        kv_indptr=torch.from_numpy(kv_indptr),
+        kv_indices=torch.from_numpy(pages),
+        kv_last_page_len=torch.from_numpy(((context_lens - 1) % page_size + 1).astype(np.int32)),
+        context_lens=context_lens.tolist(),
+        slot_mapping=on_device[2],
         page_size=page_size,
     )
-    ids = torch.tensor(input_ids, dtype=torch.long, device=device)
-    pos = torch.tensor(positions, dtype=torch.long, device=device)
-    return ids, pos, meta
+    return on_device[0], on_device[1], meta
 
 
 class ModelRunner:

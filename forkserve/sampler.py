@@ -20,10 +20,22 @@ class SamplingRow:
 
     params: SamplingParams
     seed: int | None  # None: use the sampler's own generator
-    step: int  # index of the token being drawn (output tokens so far)
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
+    token_ids: Sequence[int]  # prompt then output so far (not copied: only penalties read it)
+    num_prompt_tokens: int
     blocked_token_ids: Sequence[int] = ()  # masked this step (e.g. EOS before min_tokens)
+
+    @property
+    def step(self) -> int:
+        """Index of the token being drawn (output tokens so far)."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> Sequence[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> Sequence[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass
@@ -78,24 +90,31 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        log_normaliser = torch.logsumexp(logits, dim=-1)
+        raw_logits = logits
         logits = self._apply_penalties(logits, rows)
         blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
         if blocked:
             index = torch.tensor(blocked, dtype=torch.long, device=logits.device)
+            logits = logits.clone() if logits is raw_logits else logits
             logits[index[:, 0], index[:, 1]] = float("-inf")
         greedy = [r.params.greedy for r in rows]
-        tokens = logits.argmax(dim=-1)
-        if not all(greedy):
-            drawn = self._draw(logits, rows)
-            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, drawn)
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
-        k = max((r.params.logprobs or 0) for r in rows)
-        top = torch.topk(raw_logprobs, k, dim=-1) if k else None
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._draw(logits, rows)
+            if any(greedy):
+                tokens = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(dim=-1), tokens)
+        chosen = raw_logits.gather(1, tokens[:, None]).squeeze(1) - log_normaliser
+        k = max((r.params.logprobs if r.params.logprobs is not None else -1) for r in rows)
+        if k < 0:  # nobody asked for logprobs: skip the ranks and top-k passes over the vocabulary
+            token_list, logprob_list = tokens.tolist(), chosen.tolist()
+            return SamplerOutput(token_list, logprob_list, [0] * len(rows), [None] * len(rows))
+        ranks = (raw_logits > raw_logits.gather(1, tokens[:, None])).sum(dim=-1) + 1
+        top = torch.topk(raw_logits, k, dim=-1) if k else None
         token_list, rank_list = torch.stack([tokens, ranks]).tolist()
         logprob_list = chosen.tolist()
-        top_values = top.values.tolist() if top is not None else None
+        top_values = (top.values - log_normaliser[:, None]).tolist() if top is not None else None
         top_ids = top.indices.tolist() if top is not None else None
         top_logprobs: list[list[tuple[int, float]] | None] = []
         for i, row in enumerate(rows):
@@ -156,13 +175,15 @@ class Sampler:
         return torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
 
     def _exponential(self, rows: Sequence[SamplingRow], vocab: int, dev: torch.device) -> torch.Tensor:
-        uniform = torch.empty(len(rows), vocab, device=dev)
         seeded = [i for i, r in enumerate(rows) if r.seed is not None]
+        if not seeded:
+            # Clamped: a zero would make a zero-probability token's ratio 0/0 = NaN, which argmax picks.
+            return torch.empty(len(rows), vocab, device=dev).exponential_(generator=self.generator).clamp_(min=1e-20)
+        uniform = torch.empty(len(rows), vocab, device=dev)
         unseeded = [i for i, r in enumerate(rows) if r.seed is None]
-        if seeded:
-            seeds = torch.tensor([rows[i].seed % (1 << 63) for i in seeded], device=dev)
-            steps = torch.tensor([rows[i].step for i in seeded], device=dev)
-            uniform[seeded] = seeded_uniform(seeds, steps, vocab)
+        seeds = torch.tensor([rows[i].seed % (1 << 63) for i in seeded], device=dev)
+        steps = torch.tensor([rows[i].step for i in seeded], device=dev)
+        uniform[seeded] = seeded_uniform(seeds, steps, vocab)
         if unseeded:
             uniform[unseeded] = torch.rand(len(unseeded), vocab, device=dev, generator=self.generator).clamp_(min=1e-20)
         return -torch.log(uniform)

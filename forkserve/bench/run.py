@@ -27,11 +27,21 @@ def model_dir_from_config(path: str, into: Path) -> Path:
     return into
 
 
+def engine_env(engine: str) -> dict[str, str]:
+    """The child's environment: vLLM's child also sees FORKSERVE_VLLM_PATH (an unpacked vLLM that
+    must stay out of forkserve's own process, where its pinned packages could clash)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    extra = os.environ.get("FORKSERVE_VLLM_PATH")
+    if engine == "vllm" and extra:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_engine(engine: str, model_dir: Path, workloads: str, scale: int, engine_args: dict) -> list[dict]:
     """Run one engine's worker, echoing its output, and collect its RESULT lines."""
     cmd = [sys.executable, "-m", "forkserve.bench.worker", engine, str(model_dir), workloads, str(scale),
            json.dumps(engine_args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = engine_env(engine)
     results = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
@@ -44,7 +54,7 @@ def run_engine(engine: str, model_dir: Path, workloads: str, scale: int, engine_
 
 
 def vllm_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True)
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, env=engine_env("vllm"))
     return probe.returncode == 0
 
 

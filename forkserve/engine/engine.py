@@ -176,6 +176,24 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def peek_output(self, request_id: str) -> RequestOutput | None:
+        """A snapshot of an unfinished request: each sample's tokens, text and logprobs so far.
+
+        `step` returns a request's output only once it has finished; this is how a caller sees
+        progress before that (a streaming server diffs consecutive snapshots). `finished` is
+        False; a sample that has already ended has its finish_reason and final text. The lists
+        are copies, safe to hand to another thread. Call it between steps, on the thread that
+        steps the engine. None when the id is unknown or its final output was already returned.
+        """
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        output = self.make_output(request)
+        for completion in output.outputs:
+            if completion.logprobs is not None:
+                completion.logprobs = list(completion.logprobs)
+        return output
+
     # ----------------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the outputs of requests that finished in it."""
@@ -209,8 +227,7 @@ class Engine:
         blocked: Seq[int] = ()
         if seq.num_output_tokens < params.min_tokens:
             blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
-        return SamplingRow(params, seq.seed, seq.num_output_tokens, seq.token_ids[:seq.num_prompt_tokens],
-                           seq.output_token_ids, blocked)
+        return SamplingRow(params, seq.seed, seq.token_ids, seq.num_prompt_tokens, blocked)
 
     def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
         token = result.token_ids[row]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from array import array
 from typing import Callable, Iterable, Iterator, Sequence
 
 from forkserve.engine.pages import OutOfPages, PagePool
@@ -50,13 +51,14 @@ class TreeNode:
 class SeqKV:
     """One sequence's KV: a locked path in the tree plus the pages only it holds."""
 
-    __slots__ = ("node", "own_pages", "num_cached_tokens", "_path_pages", "_released")
+    __slots__ = ("node", "own_pages", "num_cached_tokens", "_path_pages", "_table", "_released")
 
     def __init__(self, node: TreeNode, path_pages: list[int], num_cached_tokens: int) -> None:
         self.node = node
         self.own_pages: list[int] = []
         self.num_cached_tokens = num_cached_tokens
         self._path_pages = path_pages  # pages of root..node; splits never reorder them
+        self._table: array | None = None  # cached page_table(); the tree resets it when pages move
         self._released = False
 
     @property
@@ -67,9 +69,19 @@ class SeqKV:
     def path_pages(self) -> list[int]:
         return self._path_pages
 
-    def page_table(self) -> list[int]:
+    def page_table(self) -> array:
+        """All of the sequence's pages in order, as a C int array (the step builder concatenates
+        thousands of these per step, so it is cached and must not be modified by callers)."""
         self._check_live()
-        return self._path_pages + self.own_pages
+        if self._table is None:
+            self._table = array("i", self._path_pages)
+            self._table.extend(self.own_pages)
+        return self._table
+
+    def _add_own_pages(self, pages: list[int]) -> None:
+        self.own_pages.extend(pages)
+        if self._table is not None:
+            self._table.extend(pages)
 
     def capacity(self, page_size: int) -> int:
         return self.node.end + len(self.own_pages) * page_size
@@ -197,7 +209,7 @@ class PrefixTree:
             return True
         if not self._make_room(need):
             return False
-        seq.own_pages.extend(self.pool.allocate(need))
+        seq._add_own_pages(self.pool.allocate(need))
         return True
 
     def _make_room(self, num_pages: int) -> bool:
@@ -244,6 +256,7 @@ class PrefixTree:
         seq.node = node
         seq.own_pages = seq.own_pages[num_new:]
         seq._path_pages = seq._path_pages + added
+        seq._table = None
 
     def release(self, seq: SeqKV, tokens: Sequence[int] | None = None) -> None:
         """End a sequence: keep its computed full pages as cache (if caching), free the rest."""
@@ -252,6 +265,7 @@ class PrefixTree:
             self.publish(seq, tokens)
         self.pool.free(seq.own_pages)
         seq.own_pages = []
+        seq._table = None
         self._adjust(seq.node, -1, 0)
         seq._released = True
         if not self.enable_caching:
@@ -274,7 +288,7 @@ class PrefixTree:
             copies = self.pool.allocate(k)
             self.copy_pages([seq.own_pages[0]] * k, copies)
             for child, page in zip(children, copies):
-                child.own_pages = [page]
+                child._add_own_pages([page])
         return children
 
     # --------------------------------------------------------------------------- pins, eviction

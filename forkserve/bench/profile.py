@@ -1,0 +1,107 @@
+"""Where a decode step's time goes: attention kernels vs GEMMs vs other kernels vs host.
+
+Run on the GPU machine:
+    python -m forkserve.bench.profile CONFIG_DIR --batch 256,1024 --context 1024,2100
+For each (batch, context) it fills the engine with `batch` requests of `context` prompt tokens,
+lets prefill finish, then times steady decode steps: wall time per step, and from the profiler
+the GPU time per step split by kernel kind. Wall minus GPU busy time is host time the GPU waited for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from forkserve.api import LLM
+from forkserve.bench.run import model_dir_from_config
+from forkserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("forkserve.bench")
+
+ATTENTION_KERNELS = ("batchdecode", "batchprefill", "flashinfer", "attention", "merge_state", "cascade")
+GEMM_KERNELS = ("gemm", "nvjet", "cutlass", "xmma", "cublas")
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(k in lowered for k in ATTENTION_KERNELS):
+        return "attention"
+    if any(k in lowered for k in GEMM_KERNELS):
+        return "gemm"
+    return "other"
+
+
+def kernel_times_ms(prof: profile) -> dict[str, float]:
+    """Total GPU kernel time by kind (memcpy/memset included in 'other')."""
+    totals = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[kernel_kind(event.name)] += event.device_time / 1000.0
+    return totals
+
+
+def profile_decode(llm: LLM, batch: int, context: int, steps: int, temperature: float) -> dict[str, float]:
+    engine = llm.engine
+    params = SamplingParams(temperature=temperature, max_tokens=steps * 3 + 8, ignore_eos=True)
+    for i in range(batch):
+        prompt = [100 + (i * 7919 + j * 104729) % 30000 for j in range(context)]
+        engine.add_request(f"profile-{batch}-{context}-{i}", engine.make_prompt({"prompt_token_ids": prompt}, "p"), params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(steps):  # warm-up decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    walls = []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()  # ends with the sampler's host copy, so the step's GPU work is done
+            walls.append((time.perf_counter() - start) * 1000)
+    kernels = {k: v / steps for k, v in kernel_times_ms(prof).items()}
+    running = len(engine.scheduler.running)
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    wall = statistics.median(walls)
+    gpu = sum(kernels.values())
+    row = dict(batch=batch, context=context, running=running, wall_ms=round(wall, 2),
+               gpu_ms=round(gpu, 2), host_ms=round(max(wall - gpu, 0.0), 2),
+               **{f"{k}_ms": round(v, 2) for k, v in kernels.items()})
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_config")
+    parser.add_argument("--batch", default="256,1024")
+    parser.add_argument("--context", default="1024")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--engine-args", default="{}")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    batches = [int(b) for b in args.batch.split(",")]
+    engine_args = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                       max_num_seqs=max(batches), max_num_batched_tokens=16384)
+    engine_args.update(json.loads(args.engine_args))
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(str(model_dir_from_config(args.model_config, Path(tmp) / "model")), **engine_args)
+    rows = []
+    for context in (int(c) for c in args.context.split(",")):
+        for batch in batches:
+            row = profile_decode(llm, batch, context, args.steps, args.temperature)
+            print("PROFILE " + json.dumps(row), flush=True)
+            rows.append(row)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

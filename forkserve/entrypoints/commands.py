@@ -1,0 +1,96 @@
+"""argparse wiring of `forkserve run-batch` and `forkserve serve` (fastapi is imported only by serve)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+logger = logging.getLogger("forkserve")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    from forkserve.cli import add_engine_args
+
+    add_engine_args(parser)
+    parser.add_argument("--served-model-name", action="append", default=None,
+                        help="a name clients may give as 'model' (repeatable; default: the --model value)")
+    parser.set_defaults(default_log_level="INFO")
+
+
+def _served_names(args: argparse.Namespace) -> list[str]:
+    return args.served_model_name or [args.model]
+
+
+def _build_engine(args: argparse.Namespace):
+    from forkserve.cli import engine_kwargs
+    from forkserve.config import EngineConfig
+    from forkserve.engine.engine import Engine
+
+    return Engine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+
+
+def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("-i", "--input", required=True, help="OpenAI Batch API input file (.jsonl)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="results file (.jsonl); an existing one is resumed: answered custom_ids are skipped")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from forkserve.entrypoints.batch_runner import BatchRunner
+
+    runner = BatchRunner(args.input, args.output)  # refuses duplicate custom_ids before any work
+    if runner.remaining == 0:
+        logger.info("run-batch: all %d requests of %s are already answered in %s", len(runner.lines), args.input,
+                    args.output)
+        return 0
+    if runner.skipped:
+        logger.info("run-batch: resuming: %d of %d requests already answered in %s", runner.skipped,
+                    len(runner.lines), args.output)
+    runner.run(_build_engine(args), _served_names(args), use_tqdm=not args.no_progress)
+    return 0
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    from forkserve.entrypoints import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
+
+    _add_common(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("FORKSERVE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $FORKSERVE_API_KEY)")
+    parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                        help="requests allowed to wait for the running batch; more get 429")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body accepted (413 past it)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from forkserve.entrypoints.engine_loop import EngineLoop
+        from forkserve.entrypoints.server import serve
+    except ImportError as err:
+        print(f"error: serve needs the server extras ({err.name} is missing): pip install 'forkserve[server]'",
+              file=sys.stderr)
+        return 2
+    if args.max_waiting < 1 or args.max_request_bytes < 1:
+        raise ValueError("--max-waiting and --max-request-bytes must be positive")
+    if args.api_key is None and not _is_loopback(args.host):
+        logger.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    serve(EngineLoop(_build_engine(args)), _served_names(args), host=args.host, port=args.port,
+          api_key=args.api_key, max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
+          log_level=logging.getLevelName(logging.getLogger().level))
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

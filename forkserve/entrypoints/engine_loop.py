@@ -1,0 +1,284 @@
+"""`EngineLoop`: one thread owns the `Engine`; asyncio code submits requests and reads outputs.
+
+The engine is not thread-safe, so only the loop thread calls it. Handlers on the event loop
+send commands (add, abort) through a queue; the thread applies them between steps, steps while
+there is work and waits on the queue while there is none. After each step it sends events back
+to the event loop (`call_soon_threadsafe`), one batch per step:
+
+- `started`: the request has a sequence in the running batch (it no longer counts as waiting);
+- `progress`: for streaming requests, a snapshot (`Engine.peek_output`) when tokens were added;
+- `final`: the finished `RequestOutput`;
+- `error`: the request could not run, or the engine failed (the loop then stops; `alive` is False).
+
+Each HTTP request gets a `RequestStream`; closing it (or its handler ending early) aborts every
+engine request of it that has not finished, which frees their KV pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from forkserve.engine.engine import Engine, PromptInput
+from forkserve.engine.sequence import SequenceStatus
+from forkserve.outputs import RequestOutput
+from forkserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+_RATE_WINDOW_S = 10.0
+
+
+@dataclass
+class StreamEvent:
+    kind: str  # "progress", "final" or "error"
+    request_id: str
+    output: RequestOutput | None = None
+    message: str | None = None
+
+
+class EngineDead(RuntimeError):
+    """The engine thread stopped after an error; no request can run."""
+
+
+class RequestStream:
+    """The events of one client request's engine requests, on the event loop."""
+
+    def __init__(self, owner: "EngineLoop", request_ids: list[str]) -> None:
+        self._owner = owner
+        self.request_ids = request_ids
+        self.unfinished = set(request_ids)
+        self.not_started = set(request_ids)
+        self._events: list[StreamEvent] = []
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    @property
+    def done(self) -> bool:
+        return not self.unfinished
+
+    def _push(self, event: StreamEvent) -> None:
+        if event.kind in ("final", "error"):
+            self.unfinished.discard(event.request_id)
+        self._events.append(event)
+        self._ready.set()
+
+    async def wait(self, timeout: float | None = None) -> list[StreamEvent]:
+        """The events since the last call (empty after `timeout` seconds with none)."""
+        if not self._events:
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        events, self._events = self._events, []
+        self._ready.clear()
+        return events
+
+    def close(self) -> None:
+        """Abort what has not finished (a client went away, or the handler failed); idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._owner._close(self)
+
+
+class EngineLoop:
+    """Runs `engine` on its own thread; every public method is called from the event loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: str | None = None
+        # event-loop side
+        self._streams: dict[str, RequestStream] = {}
+        self.num_waiting = 0  # submitted engine requests with no sequence scheduled yet
+        self.counts = {"finished": 0, "aborted": 0, "rejected": 0}
+        # loop-thread side
+        self._subscribers: dict[str, bool] = {}  # request id -> wants progress events
+        self._not_started: set[str] = set()
+        self._last_tokens: dict[str, int] = {}
+        self._generated = 0
+        self._prompt_tokens = 0
+        self._cached_tokens = 0
+        self._rate_samples: deque[tuple[float, int]] = deque()
+        self.stats: dict[str, float] = self._collect_stats()
+
+    # ----------------------------------------------------------------------- event-loop side
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="forkserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def submit(self, requests: list[tuple[str, PromptInput, SamplingParams]], stream: bool) -> RequestStream:
+        """Queue validated requests; their events arrive on the returned stream."""
+        if not self.alive:
+            raise EngineDead(self.error or "the engine is not running")
+        handle = RequestStream(self, [request_id for request_id, _, _ in requests])
+        for request_id, prompt, params in requests:
+            self._streams[request_id] = handle
+            self._commands.put(("add", request_id, prompt, params, stream))
+        self.num_waiting += len(requests)
+        return handle
+
+    def _close(self, handle: RequestStream) -> None:
+        for request_id in list(handle.unfinished):
+            self._commands.put(("abort", request_id))
+            self._streams.pop(request_id, None)
+            self.counts["aborted"] += 1
+        self.num_waiting -= len(handle.not_started)
+        handle.not_started.clear()
+        handle.unfinished.clear()
+
+    def _deliver(self, started: list[str], events: list[StreamEvent]) -> None:
+        for request_id in started:
+            handle = self._streams.get(request_id)
+            if handle is not None and request_id in handle.not_started:
+                handle.not_started.discard(request_id)
+                self.num_waiting -= 1
+        for event in events:
+            handle = self._streams.get(event.request_id)
+            if handle is None:
+                continue  # aborted meanwhile
+            if event.kind in ("final", "error"):
+                del self._streams[event.request_id]
+                if event.request_id in handle.not_started:
+                    handle.not_started.discard(event.request_id)
+                    self.num_waiting -= 1
+                if event.kind == "final":
+                    self.counts["finished"] += 1
+            handle._push(event)
+
+    # ------------------------------------------------------------------------ loop thread
+    def _post(self, started: list[str], events: list[StreamEvent]) -> None:
+        if (started or events) and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, started, events)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                commands = self._next_commands(block=not engine.has_unfinished_requests())
+                if any(c is _STOP for c in commands):
+                    return
+                events: list[StreamEvent] = []
+                for command in commands:
+                    self._apply(command, events)
+                started: list[str] = []
+                if engine.has_unfinished_requests():
+                    for output in engine.step():
+                        self._finish(output, events)
+                    self._scan(started, events)
+                self.stats = self._collect_stats()
+                self._post(started, events)
+        except Exception as err:  # the engine's state is unknown now: fail everything, stop
+            logger.exception("the engine failed; the server stops taking requests")
+            self.error = f"the engine failed: {type(err).__name__}: {err}"
+            self._post([], [StreamEvent("error", rid, message=self.error) for rid in self._subscribers])
+            self._subscribers.clear()
+
+    def _next_commands(self, block: bool) -> list[Any]:
+        """Pending commands; when idle, wait for one (waking each second to refresh stats)."""
+        commands = []
+        if block:
+            try:
+                commands.append(self._commands.get(timeout=1.0))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, command: tuple, events: list[StreamEvent]) -> None:
+        if command[0] == "add":
+            _, request_id, prompt, params, stream = command
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as err:
+                events.append(StreamEvent("error", request_id, message=str(err)))
+                return
+            self._subscribers[request_id] = stream
+            self._not_started.add(request_id)
+            self._last_tokens[request_id] = 0
+        else:
+            _, request_id = command
+            if self._subscribers.pop(request_id, None) is not None:
+                self.engine.abort_request(request_id)
+                self._not_started.discard(request_id)
+                self._last_tokens.pop(request_id, None)
+
+    def _finish(self, output: RequestOutput, events: list[StreamEvent]) -> None:
+        request_id = output.request_id
+        self._generated += sum(len(c.token_ids) for c in output.outputs) - self._last_tokens.pop(request_id, 0)
+        self._prompt_tokens += len(output.prompt_token_ids)
+        self._cached_tokens += output.num_cached_tokens
+        self._not_started.discard(request_id)
+        if self._subscribers.pop(request_id, None) is not None:
+            events.append(StreamEvent("final", request_id, output))
+
+    def _scan(self, started: list[str], events: list[StreamEvent]) -> None:
+        """After a step: which requests started, and a snapshot of streaming ones that moved."""
+        for request_id, stream in self._subscribers.items():
+            request = self.engine.requests.get(request_id)
+            if request is None:
+                continue
+            if request_id in self._not_started and any(s.status is not SequenceStatus.WAITING for s in request.seqs):
+                self._not_started.discard(request_id)
+                started.append(request_id)
+            tokens = sum(s.num_output_tokens for s in request.seqs)
+            if tokens != self._last_tokens[request_id]:
+                self._generated += tokens - self._last_tokens[request_id]
+                self._last_tokens[request_id] = tokens
+                if stream:
+                    events.append(StreamEvent("progress", request_id, self.engine.peek_output(request_id)))
+
+    def _collect_stats(self) -> dict[str, float]:
+        engine = self.engine
+        now = time.monotonic()
+        samples = self._rate_samples
+        samples.append((now, self._generated))
+        while len(samples) > 2 and now - samples[1][0] > _RATE_WINDOW_S:
+            samples.popleft()
+        span = now - samples[0][0]
+        rate = (self._generated - samples[0][1]) / span if span > 0 else 0.0
+        running = sum(1 for r in engine.requests.values() if any(s.status is SequenceStatus.RUNNING for s in r.seqs))
+        in_use = engine.pool.num_pages - engine.pool.num_free
+        evictable = engine.tree.num_evictable_pages
+        totals = engine.stats()
+        return {
+            "requests_running": running,
+            "requests_unfinished": len(engine.requests),
+            "kv_pages_total": engine.pool.num_pages,
+            "kv_pages_in_use": in_use,
+            "kv_pages_cached_idle": evictable,
+            "kv_pages_active": in_use - evictable,
+            "prompt_tokens": self._prompt_tokens,
+            "cached_prompt_tokens": self._cached_tokens,
+            "prefix_cache_hit_rate": self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,
+            "generation_tokens": self._generated,
+            "generation_tokens_per_s": rate,
+            "prefill_tokens_computed": totals["prefill_tokens_computed"],
+            "steps": totals["steps"],
+            "preemptions": totals["preemptions"],
+        }

@@ -1,0 +1,375 @@
+"""OpenAI's completion and chat-completion protocol: request bodies in, response objects out.
+
+One module for the server and the batch runner, so that both accept the same fields, reject the
+same mistakes with the same messages, and answer with the same objects.
+
+- `parse_request(kind, body)` checks a body's fields and maps them onto `SamplingParams`
+  (value errors are SamplingParams' own messages; `OpenAIError.param` names the body field).
+- `make_prompts(request, tokenizer, engine)` tokenizes (applying the chat template for chat) and
+  validates each prompt against the engine (vocabulary, max_model_len).
+- `completion_response` / `chat_response` build the non-streaming objects, `completion_chunk` /
+  `chat_chunk` / `usage_chunk` the streaming ones, `error_body` the error object.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from forkserve.engine.engine import PromptInput
+from forkserve.outputs import Logprob, RequestOutput
+from forkserve.sampling_params import SamplingParams
+
+COMPLETIONS = "completion"
+CHAT = "chat"
+URLS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+
+# Body fields that map one-to-one onto SamplingParams (OpenAI's, then vLLM's extras).
+SAMPLING_FIELDS = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+                   "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
+                   "include_stop_str_in_output", "skip_special_tokens")
+_COMMON_FIELDS = {"model", "max_tokens", "logprobs", "stream", "stream_options", "user", "logit_bias",
+                  *SAMPLING_FIELDS}
+COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"})
+CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
+                                          "tools", "tool_choice"})
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat has no limit
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+_SAMPLING_ERROR = re.compile(r"^invalid SamplingParams: (\w+) ")
+
+
+class OpenAIError(ValueError):
+    """A request the server refuses, with the fields of OpenAI's error object and an HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = "invalid_value") -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class OpenAIRequest:
+    """A checked request body: what to run and how to answer."""
+
+    kind: str  # COMPLETIONS or CHAT
+    params: SamplingParams
+    prompts: list[Any]  # completions: str or token-id lists; chat: one list of messages
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self.kind == CHAT else "prompt"
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex
+
+
+# ------------------------------------------------------------------------------------ requests
+def parse_request(kind: str, body: Any) -> OpenAIRequest:
+    """Check a completion (`kind` COMPLETIONS) or chat (CHAT) body; raise OpenAIError naming the field."""
+    if not isinstance(body, dict):
+        raise OpenAIError(f"the request body must be a JSON object, got {_json_type(body)}")
+    allowed = CHAT_FIELDS if kind == CHAT else COMPLETION_FIELDS
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise OpenAIError(f"unknown field(s) {', '.join(repr(u) for u in unknown)}", unknown[0], code="unknown_field")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise OpenAIError(f"model must be a string, got {model!r}", "model")
+    stream = _optional_bool(body, "stream") or False
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise OpenAIError("stream_options must be an object with only 'include_usage'", "stream_options")
+        include_usage = bool(_optional_bool(options, "include_usage", "stream_options.include_usage"))
+    if body.get("logit_bias"):
+        raise OpenAIError("logit_bias is not supported", "logit_bias", code="unsupported")
+
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}  # SamplingParams field -> the body field it came from
+    for name in SAMPLING_FIELDS:
+        if body.get(name) is not None:
+            values[name], source[name] = body[name], name
+    if kind == CHAT:
+        prompts = [_check_messages(body.get("messages"))]
+        _check_chat_extras(body)
+        limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        values["max_tokens"], source["max_tokens"] = body.get(limit), limit
+        if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+            raise OpenAIError(f"logprobs must be true or false, got {body['logprobs']!r}", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not body.get("logprobs"):
+            raise OpenAIError("top_logprobs needs logprobs: true", "top_logprobs")
+        if body.get("logprobs"):
+            values["logprobs"], source["logprobs"] = (0 if top is None else top), "top_logprobs"
+    else:
+        prompts = _completion_prompts(body.get("prompt"))
+        if body.get("echo"):
+            raise OpenAIError("echo is not supported", "echo", code="unsupported")
+        if body.get("suffix") is not None:
+            raise OpenAIError("suffix is not supported", "suffix", code="unsupported")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != body.get("n", 1):
+            raise OpenAIError("best_of other than n is not supported", "best_of", code="unsupported")
+        max_tokens = body.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
+        values["max_tokens"], source["max_tokens"] = max_tokens, "max_tokens"
+        if body.get("logprobs") is not None:
+            values["logprobs"], source["logprobs"] = body["logprobs"], "logprobs"
+    try:
+        params = SamplingParams(**values)
+    except ValueError as err:
+        match = _SAMPLING_ERROR.match(str(err))
+        raise OpenAIError(str(err), source.get(match.group(1)) if match else None) from None
+    return OpenAIRequest(kind, params, prompts, model, stream, include_usage)
+
+
+def check_model(request: OpenAIRequest, served: list[str]) -> None:
+    """A named model must be one this process serves (an absent name means the first)."""
+    if request.model is not None and request.model not in served:
+        raise OpenAIError(f"the model {request.model!r} does not exist here; this process serves "
+                          f"{', '.join(repr(s) for s in served)}", "model", status=404, code="model_not_found")
+
+
+def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any) -> list[PromptInput]:
+    """Tokenize and validate every prompt of a request, and its params against the engine.
+
+    `tokenizer` is passed in (not taken from the engine) so that a server can tokenize on its
+    own thread with its own copy. Text is tokenized as `LLM.generate` / `LLM.chat` do, so that
+    the same prompt gives the same tokens (and output) through every entry point.
+    """
+    param = request.prompt_param
+    inputs = []
+    for i, prompt in enumerate(request.prompts):
+        label = param if len(request.prompts) == 1 else f"{param}[{i}]"
+        if isinstance(prompt, list) and request.kind == COMPLETIONS:
+            raw: dict[str, Any] = {"prompt_token_ids": prompt}
+        else:
+            if tokenizer is None:
+                raise OpenAIError(f"{label}: text prompts need a tokenizer", param)
+            if request.kind == CHAT:
+                try:
+                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                except Exception as err:  # template errors (e.g. raise_exception on bad role order)
+                    raise OpenAIError(f"{label}: the chat template failed: {err}", param) from None
+                ids = tokenizer(text, add_special_tokens=False).input_ids
+            else:
+                text = prompt
+                ids = tokenizer(text).input_ids
+            raw = {"prompt_token_ids": ids, "prompt": text}
+        try:
+            inputs.append(engine.make_prompt(raw, label))
+        except ValueError as err:
+            code = "context_length_exceeded" if "max_model_len" in str(err) else "invalid_value"
+            raise OpenAIError(str(err), param, code=code) from None
+    try:
+        engine.check_params(request.params, "request")
+    except ValueError as err:
+        raise OpenAIError(str(err), "top_logprobs" if request.kind == CHAT else "logprobs") from None
+    return inputs
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _optional_bool(body: dict, name: str, param: str | None = None) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise OpenAIError(f"{param or name} must be true or false, got {value!r}", param or name)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's prompt forms: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(_is_int(t) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
+            return [list(p) for p in prompt]
+    if prompt is None:
+        raise OpenAIError("prompt is required", "prompt", code="missing_field")
+    raise OpenAIError("prompt must be a string, a list of strings, a list of token ids or a list of "
+                      f"token-id lists, got {_json_type(prompt)}", "prompt")
+
+
+def _check_messages(messages: Any) -> list[dict[str, str]]:
+    """Messages as the chat template takes them: role and text content (text parts joined)."""
+    if messages is None:
+        raise OpenAIError("messages is required", "messages", code="missing_field")
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError("messages must be a non-empty array of messages", "messages")
+    checked = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise OpenAIError(f"{where} must be an object with 'role' and 'content'", where)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise OpenAIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise OpenAIError(f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
+                                      "are supported", f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise OpenAIError(f"{where}.content must be a string or an array of text parts", f"{where}.content")
+        entry = {"role": role, "content": content}
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        checked.append(entry)
+    return checked
+
+
+def _check_chat_extras(body: dict) -> None:
+    if body.get("tools"):
+        raise OpenAIError("tools are not supported", "tools", code="unsupported")
+    if body.get("tool_choice") not in (None, "none"):
+        raise OpenAIError("tool_choice is not supported", "tool_choice", code="unsupported")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise OpenAIError("only response_format {'type': 'text'} is supported", "response_format",
+                          code="unsupported")
+
+
+# ----------------------------------------------------------------------------------- responses
+def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+    """Token counts; prompt_tokens_details.cached_tokens is what the prefix cache supplied."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def choice_index(request: OpenAIRequest, prompt_index: int, sample_index: int) -> int:
+    """OpenAI numbers choices prompt by prompt: prompt i's samples are i*n .. i*n+n-1."""
+    return prompt_index * request.params.n + sample_index
+
+
+def completion_response(request: OpenAIRequest, request_id: str, model: str,
+                        outputs: list[RequestOutput]) -> dict[str, Any]:
+    choices = []
+    for p, out in enumerate(outputs):
+        for c in out.outputs:
+            logprobs = None
+            if request.params.logprobs is not None and c.logprobs is not None:
+                logprobs = completion_logprobs(c.token_ids, c.logprobs)
+            choices.append({"index": choice_index(request, p, c.index), "text": c.text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return {"id": request_id, "object": "text_completion", "created": request.created, "model": model,
+            "choices": choices, "usage": usage(outputs)}
+
+
+def chat_response(request: OpenAIRequest, request_id: str, model: str,
+                  outputs: list[RequestOutput]) -> dict[str, Any]:
+    choices = []
+    for p, out in enumerate(outputs):
+        for c in out.outputs:
+            logprobs = None
+            if request.params.logprobs is not None and c.logprobs is not None:
+                logprobs = chat_logprobs(c.token_ids, c.logprobs, request.params.logprobs)
+            choices.append({"index": choice_index(request, p, c.index),
+                            "message": {"role": "assistant", "content": c.text},
+                            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return {"id": request_id, "object": "chat.completion", "created": request.created, "model": model,
+            "choices": choices, "usage": usage(outputs)}
+
+
+def response_body(request: OpenAIRequest, request_id: str, model: str, outputs: list[RequestOutput]) -> dict[str, Any]:
+    build = chat_response if request.kind == CHAT else completion_response
+    return build(request, request_id, model, outputs)
+
+
+def completion_chunk(request: OpenAIRequest, request_id: str, model: str, index: int, text: str,
+                     logprobs: dict | None = None, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": request.created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+            **({"usage": None} if request.include_usage else {})}
+
+
+def chat_chunk(request: OpenAIRequest, request_id: str, model: str, index: int, delta: dict[str, Any],
+               logprobs: dict | None = None, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": request.created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            **({"usage": None} if request.include_usage else {})}
+
+
+def usage_chunk(request: OpenAIRequest, request_id: str, model: str, outputs: list[RequestOutput]) -> dict[str, Any]:
+    """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+    obj = "chat.completion.chunk" if request.kind == CHAT else "text_completion"
+    return {"id": request_id, "object": obj, "created": request.created, "model": model, "choices": [],
+            "usage": usage(outputs)}
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else _LOGPROB_FLOOR
+
+
+def _token_text(token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return f"token_id:{token_id}"
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
+                        text_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id)
+        text = _token_text(token_id, chosen)
+        tokens.append(text)
+        token_logprobs.append(_finite(chosen.logprob) if chosen is not None else None)
+        tops.append({_token_text(t, lp): _finite(lp.logprob) for t, lp in entry.items()})
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top: int) -> dict[str, Any]:
+    """The chat shape: content = [{token, logprob, bytes, top_logprobs: [...]}]."""
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id)
+        text = _token_text(token_id, chosen)
+        ranked = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top),
+                        key=lambda item: item[1].rank)
+        content.append({"token": text, "logprob": _finite(chosen.logprob) if chosen is not None else _LOGPROB_FLOOR,
+                        "bytes": list(text.encode("utf-8")),
+                        "top_logprobs": [{"token": _token_text(t, lp), "logprob": _finite(lp.logprob),
+                                          "bytes": list(_token_text(t, lp).encode("utf-8"))} for t, lp in ranked]})
+    return {"content": content, "refusal": None}

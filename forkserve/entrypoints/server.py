@@ -1,0 +1,358 @@
+"""`forkserve serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one engine.
+
+Routes: POST /v1/completions and /v1/chat/completions (streaming as OpenAI streams: server-sent
+`data: {...}` chunks, then `data: [DONE]`), GET /v1/models, /health and /metrics (Prometheus
+text). All requests share one `Engine`, run by `EngineLoop` on its own thread, so requests that
+arrive over time batch together and share the prefix tree.
+
+Guards: with an API key every route but /health needs `Authorization: Bearer KEY` (401);
+bodies are bounded (413); prompts are checked against max_model_len (400); at most
+`max_waiting` requests wait for the running batch (429 past it); a client that goes away has
+its requests aborted, which frees their KV pages. Errors use OpenAI's error object.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from forkserve.entrypoints import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
+from forkserve.entrypoints.engine_loop import EngineDead, EngineLoop, RequestStream, StreamEvent
+from forkserve.entrypoints.openai_protocol import (CHAT, COMPLETIONS, OpenAIError, OpenAIRequest, chat_chunk,
+                                                   chat_logprobs, check_model, completion_chunk,
+                                                   completion_logprobs, error_body, make_prompts, new_id,
+                                                   parse_request, response_body, usage_chunk)
+from forkserve.outputs import CompletionOutput, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.5  # how often a waiting handler checks for a vanished client or a dead engine
+
+
+def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key: str | None = None,
+              max_waiting: int = DEFAULT_MAX_WAITING, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              tokenizer: Any = None) -> FastAPI:
+    """The app; its lifespan starts and stops `engine_loop`.
+
+    Prompts are tokenized and outputs built on the event loop with `tokenizer` (by default a
+    second copy of the engine's, loaded here), never with the engine's own, which the engine
+    thread uses.
+    """
+    engine = engine_loop.engine
+    if tokenizer is None and engine.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(engine.config.tokenizer or engine.config.model,
+                                                  trust_remote_code=False)
+    started_at = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine_loop.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            engine_loop.stop()
+
+    app = FastAPI(title="forkserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, err: OpenAIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else \
+            {"Retry-After": "1"} if err.status == 429 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = f"{err.detail}: {request.method} {request.url.path}"
+        return JSONResponse(error_body(message, "invalid_request_error", None, None), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error", None, None),
+                            status_code=500)
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise OpenAIError("missing or incorrect API key: send 'Authorization: Bearer <key>'", None,
+                              status=401, code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine_loop.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(error_body(engine_loop.error or "the engine is not running", "server_error", None,
+                                       "engine_dead"), status_code=503)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": started_at, "owned_by": "forkserve",
+             "root": engine.config.model, "parent": None, "max_model_len": engine.max_model_len}
+            for name in served_model_names]}
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(engine_loop), media_type="text/plain; version=0.0.4")
+
+    async def generate(request: Request, kind: str) -> Response:
+        body = await read_json(request, max_request_bytes)
+        parsed = parse_request(kind, body)
+        check_model(parsed, served_model_names)
+        prompts = make_prompts(parsed, tokenizer, engine)
+        if engine_loop.num_waiting >= max_waiting:
+            engine_loop.counts["rejected"] += 1
+            raise OpenAIError(f"the server is busy: {engine_loop.num_waiting} requests are already waiting for "
+                              f"the running batch (the limit, --max-waiting, is {max_waiting}); retry later",
+                              None, status=429, type="rate_limit_error", code="rate_limit_exceeded")
+        request_id = new_id(kind)
+        try:
+            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.params) for i, p in enumerate(prompts)],
+                                        stream=parsed.stream)
+        except EngineDead as err:
+            raise OpenAIError(str(err), None, status=503, type="server_error", code="engine_dead") from None
+        model = parsed.model or served_model_names[0]
+        if parsed.stream:
+            return EventStreamResponse(stream_events(handle, parsed, request_id, model, engine_loop), handle)
+        outputs = await collect(handle, request, engine_loop)
+        if outputs is None:
+            return Response(status_code=499)  # the client went away; nobody reads this
+        return JSONResponse(response_body(parsed, request_id, model, outputs))
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(request: Request) -> Response:
+        return await generate(request, COMPLETIONS)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, CHAT)
+
+    return app
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past `limit` bytes, 400 if it does not parse."""
+    too_big = OpenAIError(f"the request body exceeds the limit of {limit} bytes", None, status=413,
+                          code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_big
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise OpenAIError(f"the request body is not valid JSON: {err}", None, code="invalid_json") from None
+
+
+def _prompt_index(handle: RequestStream, request_id: str) -> int:
+    return handle.request_ids.index(request_id)
+
+
+async def collect(handle: RequestStream, request: Request, engine_loop: EngineLoop) -> list[RequestOutput] | None:
+    """Wait for every final output (None if the client disconnected: its requests are aborted)."""
+    outputs: dict[str, RequestOutput] = {}
+    try:
+        while not handle.done:
+            events = await handle.wait(_POLL_S)
+            for event in events:
+                if event.kind == "error":
+                    raise OpenAIError(event.message or "the request failed", None, status=500,
+                                      type="server_error", code=None)
+                if event.kind == "final":
+                    outputs[event.request_id] = event.output  # type: ignore[assignment]
+            if not events:
+                if not engine_loop.alive:
+                    raise OpenAIError(engine_loop.error or "the engine stopped", None, status=503,
+                                      type="server_error", code="engine_dead")
+                if await request.is_disconnected():
+                    return None
+        return [outputs[request_id] for request_id in handle.request_ids]
+    finally:
+        handle.close()
+
+
+class ChoiceStream:
+    """One choice's streamed text: what was sent, and the next delta from a newer snapshot.
+
+    Text that could still turn out to be the start of a stop string (the last len(stop)-1
+    characters) and an incomplete UTF-8 character at the end are held back until decided.
+    """
+
+    def __init__(self, stop: list[str]) -> None:
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.sent_text = ""
+        self.sent_tokens = 0
+        self.text_offset = 0  # completions logprobs: characters of token text sent so far
+        self.finished = False
+
+    def update(self, completion: CompletionOutput) -> tuple[str, int, int]:
+        """(text delta, first new token index, end token index); marks the choice finished."""
+        text = completion.text
+        if completion.finish_reason is None:
+            cut = len(text) - self.hold
+            text = text[:max(cut, 0)].rstrip("\ufffd")
+            if len(text) < len(self.sent_text):
+                text = self.sent_text
+        else:
+            self.finished = True
+        delta = text[len(self.sent_text):]  # decoding more tokens only appends to the text
+        self.sent_text += delta
+        start, self.sent_tokens = self.sent_tokens, len(completion.token_ids)
+        return delta, start, self.sent_tokens
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends: also when the
+    client is gone before the event generator was first entered (its `finally` never runs then)."""
+
+    def __init__(self, events: AsyncIterator[str], handle: RequestStream) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.close()
+
+
+def _sse(obj: dict[str, Any] | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+async def stream_events(handle: RequestStream, parsed: OpenAIRequest, request_id: str, model: str,
+                        engine_loop: EngineLoop) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them; on disconnect the generator is cancelled and the
+    `finally` aborts what is still running."""
+    n = parsed.params.n
+    want_logprobs = parsed.params.logprobs is not None
+    choices: dict[int, ChoiceStream] = {}
+    latest: dict[str, RequestOutput] = {}
+    try:
+        for p in range(len(handle.request_ids)):
+            for i in range(n):
+                choices[p * n + i] = ChoiceStream(parsed.params.stop)
+                if parsed.kind == CHAT:
+                    yield _sse(chat_chunk(parsed, request_id, model, p * n + i, {"role": "assistant", "content": ""}))
+        while not handle.done:
+            events = await handle.wait(_POLL_S)
+            if not events and not engine_loop.alive:
+                events = [_dead_event(handle, engine_loop)]
+            for event in events:
+                if event.kind == "error":
+                    yield _sse(error_body(event.message or "the request failed", "server_error", None, None))
+                    yield _sse("[DONE]")
+                    return
+                latest[event.request_id] = event.output  # type: ignore[assignment]
+                p = _prompt_index(handle, event.request_id)
+                for completion in event.output.outputs:  # type: ignore[union-attr]
+                    state = choices[p * n + completion.index]
+                    if not state.finished:
+                        for chunk in _choice_chunks(parsed, request_id, model, p * n + completion.index, state,
+                                                    completion, want_logprobs):
+                            yield _sse(chunk)
+        if parsed.include_usage:
+            yield _sse(usage_chunk(parsed, request_id, model, [latest[r] for r in handle.request_ids]))
+        yield _sse("[DONE]")
+    finally:
+        handle.close()
+
+
+def _dead_event(handle: RequestStream, engine_loop: EngineLoop) -> StreamEvent:
+    return StreamEvent("error", handle.request_ids[0], message=engine_loop.error or "the engine stopped")
+
+
+def _choice_chunks(parsed: OpenAIRequest, request_id: str, model: str, index: int, state: ChoiceStream,
+                   completion: CompletionOutput, want_logprobs: bool) -> list[dict[str, Any]]:
+    text, start, end = state.update(completion)
+    chunks = []
+    if text or (want_logprobs and end > start):
+        logprobs = None
+        if want_logprobs and completion.logprobs is not None:
+            ids, entries = completion.token_ids[start:end], completion.logprobs[start:end]
+            if parsed.kind == CHAT:
+                logprobs = chat_logprobs(ids, entries, parsed.params.logprobs or 0)
+            else:
+                logprobs = completion_logprobs(ids, entries, state.text_offset)
+                state.text_offset += sum(len(t) for t in logprobs["tokens"])
+        if parsed.kind == CHAT:
+            chunks.append(chat_chunk(parsed, request_id, model, index, {"content": text}, logprobs))
+        else:
+            chunks.append(completion_chunk(parsed, request_id, model, index, text, logprobs))
+    if state.finished:
+        if parsed.kind == CHAT:
+            chunks.append(chat_chunk(parsed, request_id, model, index, {}, None, completion.finish_reason))
+        else:
+            chunks.append(completion_chunk(parsed, request_id, model, index, "", None, completion.finish_reason))
+    return chunks
+
+
+_METRICS = [
+    # (name, type, help, stats key or callable)
+    ("requests_running", "gauge", "Requests with a sequence in the running batch.", "requests_running"),
+    ("requests_waiting", "gauge", "Requests accepted but not yet scheduled (bounded by --max-waiting).", None),
+    ("kv_pages_total", "gauge", "KV pages in the pool.", "kv_pages_total"),
+    ("kv_pages_in_use", "gauge", "KV pages not free: held by requests or kept as prefix cache.", "kv_pages_in_use"),
+    ("kv_pages_active", "gauge", "KV pages held by unfinished requests.", "kv_pages_active"),
+    ("kv_pages_cached_idle", "gauge", "KV pages kept only as prefix cache (evictable).", "kv_pages_cached_idle"),
+    ("prefix_cache_hit_rate", "gauge", "Share of finished requests' prompt tokens found in the prefix cache.",
+     "prefix_cache_hit_rate"),
+    ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", "prompt_tokens"),
+    ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens of finished requests served from the prefix cache.",
+     "cached_prompt_tokens"),
+    ("generation_tokens_total", "counter", "Tokens generated.", "generation_tokens"),
+    ("generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 seconds.",
+     "generation_tokens_per_s"),
+    ("prefill_tokens_computed_total", "counter", "Prompt tokens computed (not taken from the cache).",
+     "prefill_tokens_computed"),
+    ("engine_steps_total", "counter", "Engine steps.", "steps"),
+    ("preemptions_total", "counter", "Sequences preempted for lack of KV pages.", "preemptions"),
+]
+
+
+def prometheus_text(engine_loop: EngineLoop) -> str:
+    stats = engine_loop.stats
+    lines = []
+
+    def add(name: str, kind: str, help_text: str, value: float) -> None:
+        lines.extend([f"# HELP forkserve_{name} {help_text}", f"# TYPE forkserve_{name} {kind}",
+                      f"forkserve_{name} {value:g}" if isinstance(value, float) else f"forkserve_{name} {value}"])
+
+    for name, kind, help_text, key in _METRICS:
+        add(name, kind, help_text, engine_loop.num_waiting if key is None else stats[key])
+    add("requests_finished_total", "counter", "Requests that finished.", engine_loop.counts["finished"])
+    add("requests_aborted_total", "counter", "Requests aborted (client gone).", engine_loop.counts["aborted"])
+    add("requests_rejected_total", "counter", "Requests refused with 429 (too many waiting).",
+        engine_loop.counts["rejected"])
+    add("engine_alive", "gauge", "1 while the engine thread runs.", int(engine_loop.alive))
+    return "\n".join(lines) + "\n"
+
+
+def serve(engine_loop: EngineLoop, served_model_names: list[str], *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "info") -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = build_app(engine_loop, served_model_names, api_key=api_key, max_waiting=max_waiting,
+                    max_request_bytes=max_request_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
