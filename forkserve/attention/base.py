@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from forkserve.engine.pages import KVCache
+from forkserve.model.layers import fused_kernels_for
 
 
 @dataclass
@@ -54,6 +55,10 @@ class AttentionBackend(ABC):
 
 def write_kv(layer: int, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V rows into their page slots."""
+    fused = fused_kernels_for(k)
+    if fused is not None:
+        fused.store_kv(k, v, kv_cache.k[layer], kv_cache.v[layer], slot_mapping)
+        return
     num_heads, head_dim = k.shape[1], k.shape[2]
     kv_cache.k[layer].view(-1, num_heads, head_dim)[slot_mapping] = k.to(kv_cache.k.dtype)
     kv_cache.v[layer].view(-1, num_heads, head_dim)[slot_mapping] = v.to(kv_cache.v.dtype)

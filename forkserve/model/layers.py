@@ -1,11 +1,31 @@
-"""Building blocks of the Llama-family decoder: RMSNorm, rotary embedding, SiLU-and-mul."""
+"""Building blocks of the Llama-family decoder: RMSNorm, rotary embedding, SiLU-and-mul.
+
+Each is written in plain torch, rounding as HF transformers does (the CPU path and the oracle);
+on a CUDA device with Triton, the fused kernels of forkserve/kernels/fused.py do the same math.
+"""
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@functools.cache
+def _fused_kernels() -> ModuleType | None:
+    try:
+        from forkserve.kernels import fused
+    except ImportError:  # no Triton (CPU installs)
+        return None
+    return fused
+
+
+def fused_kernels_for(x: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels when `x` lives on a CUDA device and Triton is installed, else None."""
+    return _fused_kernels() if x.is_cuda else None
 
 
 class RMSNorm(nn.Module):
@@ -17,10 +37,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_kernels_for(x)
+        if fused is not None:
+            return fused.add_rms_norm(x, None, self.weight, self.eps)[0]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add fused with the next norm.
+
+        On the GPU path `residual` is updated in place; callers use the returned tensors only.
+        """
+        fused = fused_kernels_for(x)
+        if fused is not None:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        total = x + residual
+        return self.forward(total), total
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -58,7 +92,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; computed in fp32 and cast back as HF does."""
+        """q: [T, Hq, D], k: [T, Hkv, D]; computed in fp32 and cast back as HF does.
+
+        The GPU path rotates q and k in place (they may be views into the fused qkv output).
+        """
+        fused = fused_kernels_for(q)
+        if fused is not None:
+            return fused.rope_(q, positions, self.cos, self.sin), fused.rope_(k, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -71,5 +111,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    fused = fused_kernels_for(gate_up)
+    if fused is not None:
+        return fused.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return nn.functional.silu(gate) * up

@@ -39,10 +39,16 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = _linear(c.hidden_size, 2 * c.intermediate_size, False, dtype, device)
         self.down_proj = _linear(c.intermediate_size, c.hidden_size, False, dtype, device)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                attention: AttentionFn) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rotary: RotaryEmbedding, attention: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it is added): each residual add is
+        deferred into the next norm so the two run as one kernel on the GPU."""
         tokens = hidden.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        qkv = self.qkv_proj(normed)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
@@ -51,9 +57,8 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
         attn = attention(self.index, q, k, v).reshape(tokens, self.q_size)
-        hidden = hidden + self.o_proj(attn)
-        mlp = self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden))))
-        return hidden + mlp
+        normed, residual = self.post_attention_layernorm.add_and_norm(self.o_proj(attn), residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(normed))), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -72,10 +77,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = _linear(c.hidden_size, c.vocab_size, False, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden = layer(hidden, positions, self.rotary, attention)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, positions, self.rotary, attention)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
