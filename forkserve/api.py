@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from forkserve.config import EngineConfig
 from forkserve.engine.engine import Engine, PromptInput
+from forkserve.engine.summary import batch_summary, describe
 from forkserve.outputs import RequestOutput
 from forkserve.sampling_params import SamplingParams
 
@@ -71,14 +72,15 @@ class LLM:
         params = self._params_per_request(sampling_params, len(inputs))
         engine = self.engine
         ids = [f"{next(self._request_counter)}" for _ in inputs]
-        for request_id, prompt, p in zip(ids, inputs, params):
-            engine.add_request(request_id, prompt, p)
+        before = engine.stats()
+        engine.add_requests(list(zip(ids, inputs, params)))
         results: dict[str, RequestOutput] = {}
         with tqdm(total=len(inputs), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     results[output.request_id] = output
                     bar.update(1)
+        logger.info("%s", describe(batch_summary(before, engine.stats())))
         return [results[i] for i in ids]
 
     def _params_per_request(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,

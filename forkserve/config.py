@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from forkserve.engine.planner import MIN_SHARED_PREFIX_LEN
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -57,12 +59,16 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
+    # admit a sequence only while the pool also holds its and the running ones' KV up to max_tokens
+    # (no preemption, so no recompute); False is vLLM's optimistic admission
+    reserve_output_kv: bool = True
+    min_shared_prefix_len: int = MIN_SHARED_PREFIX_LEN  # shorter shared prefixes are not planned as groups
     max_logprobs: int = 20
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, reference elsewhere
     enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "min_shared_prefix_len")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {getattr(self, name)!r}")

@@ -26,7 +26,7 @@ SETTINGS = {
     "prefix_reuse_on": dict(enable_prefix_caching=True),
     "prefix_reuse_off": dict(enable_prefix_caching=False),
     "chunked_prefill": dict(max_num_batched_tokens=7, block_size=4),
-    "preemption": dict(num_gpu_blocks_override=30, block_size=4, max_model_len=120),
+    "preemption": dict(num_gpu_blocks_override=30, block_size=4, max_model_len=120, reserve_output_kv=False),
 }
 
 

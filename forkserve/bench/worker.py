@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 from forkserve.bench.workloads import Workload, build
+from forkserve.engine.summary import batch_summary
 
 logger = logging.getLogger("forkserve.bench")
 
@@ -54,11 +55,6 @@ def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> tuple[Generate, 
     return generate, dict
 
 
-def _delta(before: dict, after: dict) -> dict:
-    """Counters for one workload; peaks and sizes are reported as they stand."""
-    return {k: v - before.get(k, 0) if k not in ("peak_pages_in_use", "kv_pages") else v for k, v in after.items()}
-
-
 def main(argv: list[str]) -> int:
     engine, model_dir, names, scale, engine_args = argv[0], argv[1], argv[2].split(","), int(argv[3]), json.loads(argv[4])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -76,7 +72,7 @@ def main(argv: list[str]) -> int:
         in_tok = sum(len(o.prompt_token_ids) for o in outputs)
         result = dict(engine=engine, workload=name, seconds=round(seconds, 3), prompt_tokens=in_tok,
                       output_tokens=out_tok, output_tok_s=round(out_tok / seconds, 1),
-                      total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=_delta(before, stats()))
+                      total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=batch_summary(before, stats()))
         print("RESULT " + json.dumps(result), flush=True)
     return 0
 

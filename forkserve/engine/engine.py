@@ -53,8 +53,9 @@ class Engine:
         self.kv_cache = self._make_kv_cache()
         self.pool = PagePool(self.kv_cache.num_pages, config.block_size)
         self.tree = PrefixTree(self.pool, self.kv_cache.copy_pages, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                                   config.enable_chunked_prefill, config.reserve_output_kv,
+                                   config.min_shared_prefix_len)
         backend = self._make_backend()
         self.runner = ModelRunner(self.model, self.kv_cache, backend, Sampler(config.seed, self.device),
                                   self.device, self._make_graphs(backend))
@@ -150,8 +151,21 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
         """Enqueue a validated request: one sequence per sample."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        return self.add_requests([(request_id, prompt, params)])[0]
+
+    def add_requests(self, batch: Seq[tuple[str, PromptInput, SamplingParams]]) -> list[Request]:
+        """Enqueue validated requests as one batch: the planner orders them so that every prefix
+        they share is prefilled once (planner.py). Nothing is queued if an id is taken."""
+        seen: set[str] = set()
+        for request_id, _, _ in batch:
+            if request_id in self.requests or request_id in seen:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            seen.add(request_id)
+        requests = [self._make_request(*item) for item in batch]
+        self.scheduler.add_batch([seq for request in requests for seq in request.seqs])
+        return requests
+
+    def _make_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
         request = Request(request_id, prompt.text, prompt.token_ids, params)
         self.counters.prompt_tokens += len(prompt.token_ids) * params.n
         for index in range(params.n):
@@ -160,7 +174,6 @@ class Engine:
                            len(prompt.token_ids), seed,
                            logprobs=[] if params.logprobs is not None else None)
             request.seqs.append(seq)
-            self.scheduler.add(seq)
         self.requests[request_id] = request
         return request
 
@@ -211,6 +224,7 @@ class Engine:
             if self.config.enable_prefix_caching and item.seq.num_computed_tokens <= item.seq.num_prompt_tokens:
                 # Prefill chunk done: its full pages become reusable by others right away.
                 self.tree.publish(item.seq.kv, item.seq.token_ids[:item.seq.num_computed_tokens])
+        self.scheduler.after_step(batch)
         finished: list[RequestOutput] = []
         if result is not None:
             for i, item in enumerate(samplers):
@@ -287,10 +301,11 @@ class Engine:
 
     def stats(self) -> dict[str, int | float]:
         """Totals since start: what was computed, what the prefix tree saved, peak pages."""
-        c = self.counters
-        return dict(prompt_tokens=c.prompt_tokens, prefill_tokens_computed=c.prefill_tokens,
-                    decode_tokens=c.decode_tokens, peak_pages_in_use=c.peak_pages, steps=c.steps,
-                    preemptions=self.scheduler.num_preemptions, kv_pages=self.pool.num_pages)
+        c, planner = self.counters, self.scheduler.planner
+        return dict(prompt_tokens=c.prompt_tokens, unique_prompt_tokens=planner.unique_prompt_tokens,
+                    prefill_tokens_computed=c.prefill_tokens, decode_tokens=c.decode_tokens,
+                    peak_pages_in_use=c.peak_pages, steps=c.steps, preemptions=self.scheduler.num_preemptions,
+                    pins_dropped=planner.pins_dropped, kv_pages=self.pool.num_pages)
 
     # ----------------------------------------------------------------------------- outputs
     def make_output(self, request: Request) -> RequestOutput:

@@ -1,17 +1,25 @@
 """Continuous batching: which sequences compute how many tokens in the next step.
 
-Running sequences go first (a decode token, or the next prefill chunk), then waiting ones, under
-the token budget (max_num_batched_tokens), max_num_seqs and the page pool. When pages run out the
-newest running sequence is preempted: its KV is released (full pages stay in the tree as cache)
-and it is recomputed later from its tokens, so nothing is lost and its output does not change.
+Running sequences go first (a decode token, or the next prefill chunk), then waiting ones in the
+planner's order, under the token budget (max_num_batched_tokens), max_num_seqs and KV memory:
+with `reserve_output_kv` a sequence is admitted only while the pool (free plus evictable pages)
+also holds what every running sequence and it still need to reach max_tokens, so admitted work
+runs to the end without preemption (memory-centric batching); when nothing runs, the head is
+admitted regardless so that work always moves. The planner gates admission on shared prefixes
+(see planner.py). When pages still run out, the newest running sequence is preempted: its KV
+is released (full pages stay in the tree as cache) and it is recomputed later from its tokens,
+so nothing is lost and its output does not change. A pinned shared prefix that no live sequence
+is on gives way only when there is nothing left to preempt, or nothing runs and the head of the
+queue cannot be admitted: pins never deadlock a small pool, and otherwise outlast LRU.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from forkserve.engine.planner import MIN_SHARED_PREFIX_LEN, Planner
 from forkserve.engine.sequence import Sequence, SequenceStatus
-from forkserve.engine.tree import PrefixTree
+from forkserve.engine.tree import PrefixTree, SeqKV
 
 
 @dataclass
@@ -26,23 +34,39 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, tree: PrefixTree, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True) -> None:
+    def __init__(self, tree: PrefixTree, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 enable_chunked_prefill: bool = True, reserve_output_kv: bool = True,
+                 min_shared_prefix_len: int = MIN_SHARED_PREFIX_LEN) -> None:
         self.tree = tree
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.reserve_output_kv = reserve_output_kv
+        self.max_model_len = max_model_len
+        self.planner = Planner(tree, max_model_len, min_shared_prefix_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_steps = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.add_batch([seq])
+
+    def add_batch(self, seqs: list[Sequence]) -> None:
+        """Queue sequences submitted together, in the planner's order."""
+        for seq in seqs:
+            seq.arrival_step = self.num_steps
+        self.waiting.extend(self.planner.plan(seqs))
+
+    def prioritize_cached(self) -> None:
+        """Reorder the waiting queue by cached-prefix match, with ageing (for arrivals over time)."""
+        self.waiting = deque(self.planner.cache_order(self.waiting, self.num_steps))
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.planner.num_parked)
 
     def schedule(self) -> list[ScheduledSeq]:
+        self.num_steps += 1
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         preempted = False
@@ -51,6 +75,8 @@ class Scheduler:
             seq = self.running[i]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while not self.tree.reserve(seq.kv, seq.num_computed_tokens + n):
+                if self.running[-1] is seq and self.planner.drop_idle_pin():
+                    continue  # nothing else left to preempt: a pinned prefix nobody is on gives way
                 # Preempt from the back: those were admitted last and are not scheduled yet.
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -65,10 +91,35 @@ class Scheduler:
             self._admit(batch, budget)
         return batch
 
+    def after_step(self, batch: list[ScheduledSeq]) -> None:
+        """The step's KV is computed and published: let the planner pin prefixes and wake sequences."""
+        self._requeue(self.planner.after_step(item.seq for item in batch))
+
+    def _reserve_to_admit(self, kv: SeqKV, num_tokens: int) -> bool:
+        """Pages for an admission; when nothing runs, idle pinned prefixes give way (work must move)."""
+        while not self.tree.reserve(kv, num_tokens):
+            if self.running or not self.planner.drop_idle_pin():
+                return False
+        return True
+
+    def _pages_to_finish(self, seq: Sequence) -> int:
+        """Pages seq still needs to reach max_tokens (none reserved ahead when max_tokens is None)."""
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is None:
+            return 0
+        # The last token's KV is never computed: it is sampled, then the sequence ends.
+        final = min(seq.num_prompt_tokens + max_tokens, self.max_model_len) - 1
+        held = len(seq.kv.path_pages) + len(seq.kv.own_pages)
+        return max(0, -(-final // self.tree.page_size) - held)
+
     def _admit(self, batch: list[ScheduledSeq], budget: int) -> None:
+        committed: int | None = None  # pages the running sequences may still need, counted when first needed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.kv is None:
+                if not self.planner.gate(seq):
+                    self.waiting.popleft()  # parked until the prefix it shares is published
+                    continue
                 # At least one token is always computed: its logits are needed to sample.
                 seq.kv = self.tree.acquire(seq.token_ids[:-1])
                 seq.num_computed_tokens = seq.kv.prefix_len
@@ -76,8 +127,13 @@ class Scheduler:
                     seq.request.num_cached_tokens = seq.kv.num_cached_tokens
             remaining = len(seq.token_ids) - seq.num_computed_tokens
             n = min(remaining, budget)
-            if (n < remaining and not self.enable_chunked_prefill) or \
-                    not self.tree.reserve(seq.kv, seq.num_computed_tokens + n):
+            fits = n == remaining or self.enable_chunked_prefill
+            if fits and self.reserve_output_kv and self.running:
+                if committed is None:
+                    committed = sum(self._pages_to_finish(s) for s in self.running)
+                room = self.tree.num_free_pages + self.tree.num_evictable_pages
+                fits = committed + self._pages_to_finish(seq) <= room
+            if not fits or not self._reserve_to_admit(seq.kv, seq.num_computed_tokens + n):
                 self.tree.release(seq.kv)
                 seq.kv = None
                 seq.num_computed_tokens = 0
@@ -85,8 +141,15 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.planner.admitted(seq)
+            if committed is not None:
+                committed += self._pages_to_finish(seq)
             batch.append(ScheduledSeq(seq, n))
             budget -= n
+
+    def _requeue(self, seqs: list[Sequence]) -> None:
+        """Put woken sequences at the front of the waiting queue, keeping their order."""
+        self.waiting.extendleft(reversed(seqs))
 
     def _preempt(self, seq: Sequence) -> None:
         """Give back the sequence's pages; its computed full pages stay in the tree as cache."""
@@ -96,6 +159,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self._requeue(self.planner.released(seq, leaves=False))
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
@@ -104,9 +168,10 @@ class Scheduler:
         self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
         seq.kv = None
         seq.status = SequenceStatus.FINISHED
+        self._requeue(self.planner.released(seq, leaves=True))
 
     def abort(self, seq: Sequence) -> None:
-        """Drop a sequence wherever it is, freeing its pages at once."""
+        """Drop a sequence wherever it is (running, waiting or parked), freeing its pages at once."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -115,3 +180,4 @@ class Scheduler:
             self.tree.release(seq.kv)
             seq.kv = None
         seq.status = SequenceStatus.FINISHED
+        self._requeue(self.planner.released(seq, leaves=True))

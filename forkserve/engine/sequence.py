@@ -34,6 +34,7 @@ class Sequence:
     stop_reason: int | str | None = None
     text: str = ""  # set while checking stop strings and at finish
     num_preemptions: int = 0
+    arrival_step: int = 0  # scheduler step at which it was queued (for the waiting order's ageing)
 
     @property
     def output_token_ids(self) -> list[int]:

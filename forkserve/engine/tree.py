@@ -296,6 +296,21 @@ class PrefixTree:
         """Keep node and its ancestors resident until unpinned."""
         self._adjust(node, 0, 1)
 
+    def pin_prefix(self, tokens: Sequence[int]) -> TreeNode | None:
+        """Pin the node that ends exactly at len(tokens) (page-aligned) if all of tokens is cached.
+
+        Returns the pinned node (split out if the run ended inside one), or None when the
+        prefix is not wholly cached; then nothing changes.
+        """
+        if len(tokens) % self.page_size or not tokens:
+            raise ValueError(f"pin_prefix needs a non-empty multiple of page_size={self.page_size} tokens, "
+                             f"got {len(tokens)}")
+        if not self.enable_caching or self.match_len(tokens) < len(tokens):
+            return None
+        node, _ = self._walk(tokens, split=True)
+        self.pin(node)
+        return node
+
     def unpin(self, node: TreeNode) -> None:
         if node.pin_count < 1:
             raise ValueError(f"unpin of a node that is not pinned: {node}")

@@ -6,8 +6,9 @@ Input lines: {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/cha
 "error": null}, or "response": null with "error": {"code", "message"} for a request that could
 not run (bad JSON, unknown url, invalid body); a line without a custom_id is named "line N".
 
-Every valid request of the file goes to the engine before the first step, so the prefix tree
-shares prompts across the whole file.
+Every valid request of the file goes to the engine as one batch before the first step
+(`Engine.add_requests`), so the planner sees the whole file: each prefix its prompts share is
+prefilled once.
 
 Resuming: each result line is appended with one write and fsynced when its request finishes.
 A rerun with the same output file reads it first, cuts a torn last line (a kill in mid-write)
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from forkserve.entrypoints.openai_protocol import (URLS, OpenAIError, OpenAIRequest, check_model, make_prompts,
                                                    new_id, parse_request, response_body)
 from forkserve.engine.engine import PromptInput
+from forkserve.engine.summary import batch_summary, describe
 from forkserve.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -233,11 +235,14 @@ class BatchRunner:
                 summary.failed += len(errors)
                 bar.update(len(errors))
                 owners: dict[str, tuple[_Job, int]] = {}
+                batch = []
                 for j, job in enumerate(jobs):
                     for p, prompt in enumerate(job.prompts):
                         request_id = f"{j}.{p}"
-                        engine.add_request(request_id, prompt, job.request.params)
+                        batch.append((request_id, prompt, job.request.params))
                         owners[request_id] = (job, p)
+                before = engine.stats()
+                engine.add_requests(batch)
                 while engine.has_unfinished_requests():
                     records = []
                     for output in engine.step():
@@ -262,6 +267,7 @@ class BatchRunner:
             writer.close()
         summary.seconds = time.perf_counter() - start
         logger.info("%s", summary.describe(self.output_path))
+        logger.info("%s", describe(batch_summary(before, engine.stats())))
         return summary
 
     def _validate(self, engine: Any, served: list[str]) -> tuple[list[_Job], list[dict[str, Any]]]:

@@ -1,8 +1,9 @@
 """`EngineLoop`: one thread owns the `Engine`; asyncio code submits requests and reads outputs.
 
 The engine is not thread-safe, so only the loop thread calls it. Handlers on the event loop
-send commands (add, abort) through a queue; the thread applies them between steps, steps while
-there is work and waits on the queue while there is none. After each step it sends events back
+send commands (add, abort) through a queue; the thread applies them between steps (after
+arrivals it orders the waiting queue by longest cached prefix, with ageing so nothing starves),
+steps while there is work and waits on the queue while there is none. After each step it sends events back
 to the event loop (`call_soon_threadsafe`), one batch per step:
 
 - `started`: the request has a sequence in the running batch (it no longer counts as waiting);
@@ -183,6 +184,8 @@ class EngineLoop:
                 events: list[StreamEvent] = []
                 for command in commands:
                     self._apply(command, events)
+                if any(command[0] == "add" for command in commands):
+                    engine.scheduler.prioritize_cached()  # arrivals: longest cached prefix first, with ageing
                 started: list[str] = []
                 if engine.has_unfinished_requests():
                     for output in engine.step():
