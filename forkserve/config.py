@@ -58,11 +58,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     max_logprobs: int = 20
+    max_n: int = 1024  # cap on n, best_of, beam_width and tree-search fork widths (each is a sequence)
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, reference elsewhere
     enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {getattr(self, name)!r}")

@@ -4,9 +4,15 @@ Running sequences go first (a decode token, or the next prefill chunk), then wai
 the token budget (max_num_batched_tokens), max_num_seqs and the page pool. When pages run out the
 newest running sequence is preempted: its KV is released (full pages stay in the tree as cache)
 and it is recomputed later from its tokens, so nothing is lost and its output does not change.
+
+Finished sequences of tree and beam search are *held*: they keep their KV so that forks from
+them start from it; forks may also wait for admission with KV. Such parked KV is the first thing
+given up when pages run out (before any running sequence is preempted); a sequence without KV is
+recomputed from its tokens when admitted.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -34,6 +40,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.held: dict[Sequence, None] = {}  # finished sequences keeping their KV, oldest first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -47,10 +54,11 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        # Forks can leave more than max_num_seqs running; the rest wait for a later step.
+        while i < len(self.running) and budget > 0 and len(batch) < self.max_num_seqs:
             seq = self.running[i]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            while not self.tree.reserve(seq.kv, seq.num_computed_tokens + n):
+            while not self._reserve(seq, seq.num_computed_tokens + n):
                 # Preempt from the back: those were admitted last and are not scheduled yet.
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -77,7 +85,7 @@ class Scheduler:
             remaining = len(seq.token_ids) - seq.num_computed_tokens
             n = min(remaining, budget)
             if (n < remaining and not self.enable_chunked_prefill) or \
-                    not self.tree.reserve(seq.kv, seq.num_computed_tokens + n):
+                    not self._reserve(seq, seq.num_computed_tokens + n):
                 self.tree.release(seq.kv)
                 seq.kv = None
                 seq.num_computed_tokens = 0
@@ -98,20 +106,59 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished sequence and release its KV, keeping its full pages as cache."""
-        self.running.remove(seq)
-        self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
-        seq.kv = None
-        seq.status = SequenceStatus.FINISHED
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pages for num_tokens of seq, giving up parked KV while that helps."""
+        while not self.tree.reserve(seq.kv, num_tokens):
+            if not self.drop_parked(keep=seq):
+                return False
+        return True
 
-    def abort(self, seq: Sequence) -> None:
-        """Drop a sequence wherever it is, freeing its pages at once."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq.kv is not None:
-            self.tree.release(seq.kv)
+    def drop_parked(self, keep: Sequence | None = None) -> bool:
+        """Release one parked KV (but keep's) to the cache; False if there was none.
+
+        Parked KV belongs to sequences that are not running: held ones (oldest first), then
+        forks waiting for admission (newest first). Giving it up costs a recompute later,
+        never a failure, so it goes before any running sequence is preempted.
+        """
+        for seq in itertools.chain(self.held, reversed(self.waiting)):
+            if seq is not keep and seq.kv is not None:
+                self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
+                seq.kv = None
+                seq.num_computed_tokens = 0
+                return True
+        return False
+
+    def finish(self, seq: Sequence, hold: bool = False) -> None:
+        """End a sequence: release its KV (full pages stay as cache), or hold it for forks."""
+        self._remove(seq)
+        if hold:
+            self.held[seq] = None
+        elif seq.kv is not None:
+            self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
             seq.kv = None
         seq.status = SequenceStatus.FINISHED
+
+    def resume(self, seq: Sequence) -> None:
+        """Queue a held sequence to compute its remaining tokens (with its KV, if still held)."""
+        self.held.pop(seq, None)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence, forget: bool = False) -> None:
+        """Drop a sequence wherever it is, freeing its pages at once.
+
+        With forget, tree pages that nobody else holds go back to the pool too instead of
+        staying as cache (a pruned search branch will not be asked for again).
+        """
+        self._remove(seq)
+        self.held.pop(seq, None)
+        if seq.kv is not None:
+            self.tree.release(seq.kv, forget=forget)
+            seq.kv = None
+        seq.status = SequenceStatus.FINISHED
+
+    def _remove(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
