@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cpu_llm import PAGE, cpu_llm
 from forkserve import LLM, BeamSearchOutput, BeamSearchParams, SamplingParams
 from hf_oracle import assert_beams_match_hf, hf_beam_search
 
-PAGE = 4
 CASES = [  # beam_width, max_tokens, length_penalty, early_stopping
     (3, 12, 1.0, False),
     (4, 10, 0.5, True),
@@ -28,7 +28,7 @@ def eos_model(request, tiny_model_factory, tmp_path_factory) -> str:
     source = Path(tiny_model_factory(request.param))
     target = tmp_path_factory.mktemp(f"beam-{request.param}")
     shutil.copytree(source, target, dirs_exist_ok=True)
-    llm = LLM(str(source), device="cpu", dtype="float32")
+    llm = cpu_llm(str(source))
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 300) for _ in range(8)]} for _ in range(6)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
@@ -68,7 +68,7 @@ def _check(llm: LLM, model_dir: str, outputs: list[BeamSearchOutput], prompts: l
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-t{c[1]}-lp{c[2]}-es{c[3]}")
 def test_beam_search_matches_hf(eos_model: str, case: tuple) -> None:
     width, max_tokens, length_penalty, early_stopping = case
-    llm = LLM(eos_model, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(eos_model)
     prompts = _prompts(llm.engine.model_config.vocab_size)
     params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, length_penalty=length_penalty,
                               early_stopping=early_stopping)
@@ -87,7 +87,7 @@ def test_beam_search_matches_hf(eos_model: str, case: tuple) -> None:
 
 def test_beam_search_on_a_tiny_pool(eos_model: str) -> None:
     case = (4, 12, 1.0, False)
-    llm = LLM(eos_model, device="cpu", dtype="float32", block_size=PAGE, num_gpu_blocks_override=12,
+    llm = cpu_llm(eos_model, num_gpu_blocks_override=12,
               max_model_len=40)
     prompts = _prompts(llm.engine.model_config.vocab_size)
     outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts],
@@ -99,7 +99,7 @@ def test_beam_search_on_a_tiny_pool(eos_model: str) -> None:
 
 
 def test_beams_share_pages(eos_model: str) -> None:
-    llm = LLM(eos_model, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(eos_model)
     prompt = _prompts(llm.engine.model_config.vocab_size)[1]
     width, new = 6, 16
     llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=width, max_tokens=new,

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
+from cpu_llm import PAGE, cpu_llm
 from forkserve import LLM, BeamSearchParams, SamplingParams
 
-PAGE = 4
 
 
 def _prompt(llm: LLM, length: int, seed: int = 0) -> dict:
@@ -21,7 +21,7 @@ def model_dir(tiny_model_factory) -> str:
 
 
 def test_samples_prefill_once_and_equal_separate_requests(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(model_dir)
     prompt = _prompt(llm, 22)
     params = SamplingParams(n=5, seed=11, temperature=0.8, top_p=0.95, max_tokens=12, ignore_eos=True)
     out = llm.generate(prompt, params, use_tqdm=False)[0]
@@ -31,7 +31,7 @@ def test_samples_prefill_once_and_equal_separate_requests(model_dir: str) -> Non
     assert stats["decode_tokens"] == 5 * (12 - 1)  # each first token came from the one prefill's logits
     assert [c.index for c in out.outputs] == list(range(5))
     # Sample i equals a request with seed 11 + i, run separately on an engine with no cache to share.
-    alone = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE, enable_prefix_caching=False)
+    alone = cpu_llm(model_dir, enable_prefix_caching=False)
     singles = alone.generate([prompt] * 5, [params.replace(n=1, seed=11 + i) for i in range(5)], use_tqdm=False)
     assert [c.token_ids for c in out.outputs] == [s.outputs[0].token_ids for s in singles]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
@@ -43,8 +43,8 @@ def test_wide_forks_past_max_num_seqs(model_dir: str) -> None:
     """A fork wider than max_num_seqs: drawn in slices of that many rows, scheduled in turns."""
     params = SamplingParams(n=5, seed=2, temperature=1.0, max_tokens=7, ignore_eos=True, logprobs=1)
     prompts = [{"prompt_token_ids": [7, 8, 9, 10, 11]}, {"prompt_token_ids": [12, 13, 14]}]
-    wide = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
-    narrow = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE, max_num_seqs=2)
+    wide = cpu_llm(model_dir)
+    narrow = cpu_llm(model_dir, max_num_seqs=2)
     for w, n in zip(wide.generate(prompts, params, use_tqdm=False), narrow.generate(prompts, params, use_tqdm=False)):
         assert [c.token_ids for c in n.outputs] == [c.token_ids for c in w.outputs]
         # Logprobs agree up to float noise (the model ran different batch shapes).
@@ -53,7 +53,7 @@ def test_wide_forks_past_max_num_seqs(model_dir: str) -> None:
 
 
 def test_best_of_keeps_the_n_most_likely(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(model_dir)
     prompt = _prompt(llm, 9, seed=1)
     base = SamplingParams(seed=3, temperature=1.0, max_tokens=6, ignore_eos=True, logprobs=0)
     every = llm.generate(prompt, base.replace(n=5), use_tqdm=False)[0].outputs
@@ -66,7 +66,7 @@ def test_best_of_keeps_the_n_most_likely(model_dir: str) -> None:
 @pytest.mark.parametrize("prompt_len", [20, 22])  # page-aligned and with a partial last page
 def test_peak_pages_of_forked_samples(model_dir: str, prompt_len: int) -> None:
     n, new = 8, 13
-    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(model_dir)
     llm.generate(_prompt(llm, prompt_len, seed=2), SamplingParams(n=n, seed=0, max_tokens=new, ignore_eos=True),
                  use_tqdm=False)
     prompt_pages = -(-prompt_len // PAGE)
@@ -80,10 +80,10 @@ def test_peak_pages_of_forked_samples(model_dir: str, prompt_len: int) -> None:
 
 def test_forks_on_a_tiny_pool_preempt_and_stay_exact(model_dir: str) -> None:
     params = SamplingParams(n=6, seed=4, temperature=0.9, max_tokens=20, ignore_eos=True)
-    roomy = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    roomy = cpu_llm(model_dir)
     prompts = [_prompt(roomy, 30, seed=5), _prompt(roomy, 11, seed=6)]
     expected = roomy.generate(prompts, params, use_tqdm=False)
-    tiny = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE, num_gpu_blocks_override=16,
+    tiny = cpu_llm(model_dir, num_gpu_blocks_override=16,
                max_model_len=60)
     got = tiny.generate(prompts, params, use_tqdm=False)
     assert tiny.engine.scheduler.num_preemptions > 0
@@ -94,7 +94,7 @@ def test_forks_on_a_tiny_pool_preempt_and_stay_exact(model_dir: str) -> None:
 
 
 def test_snapshot_before_the_fork_lists_every_sample(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE, max_num_batched_tokens=8)
+    llm = cpu_llm(model_dir, max_num_batched_tokens=8)
     llm.engine.add_request("r", llm.engine.make_prompt(_prompt(llm, 20), "r"), SamplingParams(n=3, max_tokens=2))
     llm.engine.step()  # a prefill chunk: nothing sampled yet
     snapshot = llm.engine.peek_output("r")
@@ -104,7 +104,7 @@ def test_snapshot_before_the_fork_lists_every_sample(model_dir: str) -> None:
 
 
 def test_widths_are_validated(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", max_n=4)
+    llm = cpu_llm(model_dir, max_n=4)
     prompt = {"prompt_token_ids": [4, 5, 6]}
     with pytest.raises(ValueError, match=r"request 0: n=5 exceeds max_n=4"):
         llm.generate(prompt, SamplingParams(n=5), use_tqdm=False)

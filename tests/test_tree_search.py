@@ -6,10 +6,10 @@ from typing import Callable
 
 import pytest
 
+from cpu_llm import PAGE, cpu_llm
 from forkserve import LLM, SamplingParams
 from forkserve.search.tree import Node
 
-PAGE = 4
 QUESTIONS = ["Q: what is two plus two? A:", "Q: name a colour. A:", "Q: is the sky green? A:"]
 PARAMS = SamplingParams(temperature=1.0, seed=100, max_tokens=8)
 
@@ -52,7 +52,7 @@ def step_beam_search(llm: LLM, prompts: list[str], params: SamplingParams, score
 
 
 def test_self_consistency_samples_equal_n_sampling(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(model_dir)
     answers = self_consistency(llm, QUESTIONS, 5, PARAMS)
     assert len(answers) == len(QUESTIONS) and all(isinstance(a, str) for a in answers)
     steps_together = llm.engine.stats()["steps"]
@@ -64,13 +64,13 @@ def test_self_consistency_samples_equal_n_sampling(model_dir: str) -> None:
     assert [n.step_token_ids for n in nodes] == [c.token_ids for c in reference.outputs]
     assert all(n.token_ids == n.step_token_ids and n.depth == 1 for n in nodes)
     # All questions advanced in the same batches: about as many steps as one question alone.
-    single = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    single = cpu_llm(model_dir)
     self_consistency(single, QUESTIONS[:1], 5, PARAMS)
     assert steps_together < 2 * single.engine.stats()["steps"]
 
 
 def test_step_beam_search_with_a_scoring_callback(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(model_dir)
     calls = []
 
     def score(node: Node) -> float:
@@ -99,7 +99,7 @@ def test_step_beam_search_with_a_scoring_callback(model_dir: str) -> None:
 
 
 def test_release_frees_a_branch_at_once(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
+    llm = cpu_llm(model_dir)
     root = llm.start(QUESTIONS[0], SamplingParams(temperature=1.0, seed=1, max_tokens=9, ignore_eos=True))
     children = root.fork(4)
     llm.advance(children)
@@ -121,7 +121,7 @@ def test_release_frees_a_branch_at_once(model_dir: str) -> None:
 
 
 def test_fork_width_is_capped(model_dir: str) -> None:
-    llm = LLM(model_dir, device="cpu", dtype="float32", max_n=3)
+    llm = cpu_llm(model_dir, max_n=3)
     with pytest.raises(ValueError, match="k=4 exceeds max_n=3"):
         llm.start(QUESTIONS[0]).fork(4)
 
@@ -134,8 +134,8 @@ def test_tree_search_on_a_tiny_pool_matches_a_roomy_one(model_dir: str) -> None:
         llm.advance()
         return [leaf.token_ids for leaf in leaves]
 
-    roomy = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE)
-    tiny = LLM(model_dir, device="cpu", dtype="float32", block_size=PAGE, num_gpu_blocks_override=14,
+    roomy = cpu_llm(model_dir)
+    tiny = cpu_llm(model_dir, num_gpu_blocks_override=14,
                max_model_len=48)
     assert run(tiny) == run(roomy)
     # 18 held nodes of about 5 pages each cannot all keep their KV in 14 pages: some was recomputed.
