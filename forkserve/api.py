@@ -10,8 +10,10 @@ from tqdm import tqdm
 from forkserve.config import EngineConfig
 from forkserve.engine.engine import Engine, PromptInput
 from forkserve.engine.summary import batch_summary, describe
-from forkserve.outputs import RequestOutput
-from forkserve.sampling_params import SamplingParams
+from forkserve.outputs import BeamSearchOutput, RequestOutput
+from forkserve.sampling_params import BeamSearchParams, SamplingParams
+from forkserve.search.beam import beam_search
+from forkserve.search.tree import Node, TreeSearch
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.engine = Engine(EngineConfig.from_kwargs(str(model), **kwargs))
         self._request_counter = itertools.count()
+        self._tree_search = TreeSearch(self.engine)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -65,6 +68,32 @@ class LLM:
             ids = tokenizer(text, add_special_tokens=False).input_ids
             inputs.append(self.engine.make_prompt({"prompt_token_ids": ids, "prompt": text}, label))
         return self._run(inputs, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search`, with HF transformers' selection and length penalty.
+
+        Per prompt, a `BeamSearchOutput` whose `sequences` (beam_width of them, best first by
+        length-penalised score) have `tokens` (prompt included), `text` and `cum_logprob`.
+        The beams of all prompts advance together; beams share pages through the prefix tree.
+        `use_tqdm` is accepted for vLLM compatibility.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam_search: params must be BeamSearchParams, got {type(params).__name__}")
+        self.engine.check_width(params.beam_width, "beam_width", "beam_search")
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        inputs = [self.engine.make_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_list)]
+        ids = [f"beam-{next(self._request_counter)}" for _ in inputs]
+        return beam_search(self.engine, ids, inputs, params)
+
+    def start(self, prompt: PromptType, params: SamplingParams | None = None) -> Node:
+        """The root of a search tree (see `forkserve.search.tree`); `params` are its forks' default."""
+        params = self.engine.check_params(SamplingParams() if params is None else params, "start")
+        return self._tree_search.start(self.engine.make_prompt(prompt, "start"), params)
+
+    def advance(self, nodes: Sequence[Node] | None = None) -> None:
+        """Generate the given pending tree-search nodes (default: all pending ones), batched together."""
+        self._tree_search.advance(nodes)
 
     def _run(self, inputs: list[PromptInput],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,

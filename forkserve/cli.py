@@ -24,6 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-n", type=int, default=1024, help="largest n / best_of a request may ask for")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -31,7 +32,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 block_size=args.block_size, num_gpu_blocks_override=args.num_gpu_blocks_override,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=args.enable_prefix_caching, load_format=args.load_format, seed=args.seed)
+                enable_prefix_caching=args.enable_prefix_caching, load_format=args.load_format, seed=args.seed,
+                max_n=args.max_n)
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:

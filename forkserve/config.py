@@ -64,11 +64,12 @@ class EngineConfig:
     reserve_output_kv: bool = True
     min_shared_prefix_len: int = MIN_SHARED_PREFIX_LEN  # shorter shared prefixes are not planned as groups
     max_logprobs: int = 20
+    max_n: int = 1024  # cap on n, best_of, beam_width and tree-search fork widths (each is a sequence)
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, reference elsewhere
     enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "min_shared_prefix_len")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "min_shared_prefix_len", "max_n")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {getattr(self, name)!r}")

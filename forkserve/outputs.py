@@ -34,3 +34,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished hypothesis; `tokens` include the prompt, as vLLM's do, and `text` decodes them."""
+
+    tokens: list[int]
+    cum_logprob: float  # summed raw log-probabilities of the generated tokens
+    text: str | None = None
+    score: float = 0.0  # cum_logprob / generated_len ** length_penalty: what ranks hypotheses
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    """Per prompt: beam_width hypotheses, best first."""
+
+    sequences: list[BeamSearchSequence]

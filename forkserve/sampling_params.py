@@ -23,6 +23,16 @@ def _is_number(value: Any) -> bool:
 
 @dataclass
 class SamplingParams:
+    """How to sample, with vLLM's names and defaults.
+
+    n > 1 (and best_of): the prompt is prefilled once; at its first draw the request forks into
+    its samples, which share the prompt's KV pages. With a seed s, sample i draws from seed
+    s + i, so it produces exactly the tokens of a separate request with n=1 and seed s + i (and
+    a request's tokens do not depend on what shares its batch). best_of > n draws best_of
+    samples (seeds s .. s + best_of - 1) and returns the n of highest cumulative logprob, best
+    first, re-indexed 0..n-1. The engine caps n and best_of at its `max_n` setting.
+    """
+
     n: int = 1
     best_of: int | None = None
     presence_penalty: float = 0.0
@@ -131,3 +141,45 @@ class SamplingParams:
         if any(s == "" for s in stops):
             raise _fail("stop", "must not contain an empty string", stop)
         return list(stops)
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's `BeamSearchParams`, plus HF's `early_stopping`.
+
+    The search is HF transformers' beam search (`num_beams = beam_width`): each step keeps the
+    best `max(2, 1 + #eos) * beam_width` continuations of all beams by summed log-probability;
+    one of the best `beam_width` that ends in EOS (or reaches max_tokens) becomes a finished
+    hypothesis scored `sum_logprobs / generated_len ** length_penalty` (generated_len counts the
+    EOS); the rest continue. `early_stopping`: True stops once beam_width hypotheses are
+    finished; False (HF's default) stops when the best running beam, scored at its current
+    length, cannot beat the worst finished one; "never" stops only at max_tokens (with a
+    positive length_penalty the bound uses max_tokens). Scores are the model's raw
+    log-probabilities, as in vLLM and in HF without sampling, so `temperature` is accepted for
+    compatibility and does not change the result.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"invalid BeamSearchParams: {name} must be an integer of at least 1, got {value!r}")
+        for name in ("temperature", "length_penalty"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"invalid BeamSearchParams: {name} must be a number, got {getattr(self, name)!r}")
+        if self.temperature < 0:
+            raise ValueError(f"invalid BeamSearchParams: temperature must be non-negative, got {self.temperature!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"invalid BeamSearchParams: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"invalid BeamSearchParams: early_stopping must be True, False or 'never', "
+                             f"got {self.early_stopping!r}")

@@ -54,3 +54,43 @@ def assert_matches_hf(model_dir: str, prompt: list[int], ours: list[int], max_ne
         assert ours[:ref.tie_step] == ref.tokens[:ref.tie_step]
     else:
         assert ours == ref.tokens, f"prompt {prompt[:8]}...: ours {ours} != HF {ref.tokens}"
+
+
+@dataclass
+class HFBeams:
+    sequences: list[list[int]]  # generated tokens only, best first, padding cut
+    scores: list[float]  # HF's sequences_scores (length-penalised)
+
+
+@torch.inference_mode()
+def hf_beam_search(model_dir: str, prompt: list[int], beam_width: int, max_new_tokens: int, length_penalty: float,
+                   early_stopping: bool | str, eos_token_ids: list[int]) -> HFBeams:
+    """HF `generate` with num_beams = beam_width, returning all beam_width hypotheses."""
+    model = hf_model(str(model_dir))
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         num_beams=beam_width, num_return_sequences=beam_width, do_sample=False,
+                         max_new_tokens=max_new_tokens, length_penalty=length_penalty, early_stopping=early_stopping,
+                         eos_token_id=eos_token_ids or None, pad_token_id=-1, output_scores=True,
+                         return_dict_in_generate=True)
+    sequences = []
+    for row in out.sequences[:, len(prompt):].tolist():
+        if -1 in row:
+            row = row[:row.index(-1)]
+        sequences.append(row)
+    return HFBeams(sequences, out.sequences_scores.tolist())
+
+
+def assert_beams_match_hf(ours: list[list[int]], our_scores: list[float], ref: HFBeams) -> None:
+    """Same hypotheses in the same order; past a rank where HF's scores tie within TIE_EPS, only
+    the scores are compared (two hypotheses that tie may be ordered either way), and it says so."""
+    assert len(ours) == len(ref.sequences)
+    for rank, (mine, theirs) in enumerate(zip(ours, ref.sequences)):
+        assert abs(our_scores[rank] - ref.scores[rank]) < TIE_EPS, f"rank {rank}: score {our_scores[rank]} != HF {ref.scores[rank]}"
+        if mine != theirs:
+            tied = [r for r in (rank - 1, rank + 1) if 0 <= r < len(ref.scores)
+                    and abs(ref.scores[r] - ref.scores[rank]) < TIE_EPS]
+            assert tied, f"rank {rank}: ours {mine} != HF {theirs} and HF's scores do not tie there"
+            warnings.warn(f"HF's beam scores tie within {TIE_EPS} at rank {rank}: comparing only scores from there")
+            for r in range(rank, len(ours)):
+                assert abs(our_scores[r] - ref.scores[r]) < TIE_EPS
+            return

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
-from typing import Sequence as Seq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence as Seq
 
 import torch
 
@@ -13,9 +14,10 @@ from forkserve.attention.flashinfer import FlashInferBackend
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device,
                               resolve_dtype)
+from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws, fork_kv
 from forkserve.engine.pages import KVCache, PagePool
 from forkserve.engine.scheduler import ScheduledSeq, Scheduler
-from forkserve.engine.sequence import Request, Sequence
+from forkserve.engine.sequence import Request, Sequence, SequenceStatus
 from forkserve.engine.tree import PrefixTree
 from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
@@ -57,8 +59,8 @@ class Engine:
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
         backend = self._make_backend()
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, Sampler(config.seed, self.device),
-                                  self.device, self._make_graphs(backend))
+        sampler = ForkingSampler(Sampler(config.seed, self.device), config.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device, self._make_graphs(backend))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
@@ -147,10 +149,17 @@ class Engine:
             raise ValueError(f"{label}: sampling params must be SamplingParams, got {type(params).__name__}")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"{label}: logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}")
+        for name in ("n", "best_of"):
+            self.check_width(getattr(params, name), name, label)
         return params
 
+    def check_width(self, value: int | None, name: str, label: str) -> None:
+        """Samples, beams and fork widths are capped by max_n (each one is a sequence to run)."""
+        if value is not None and value > self.config.max_n:
+            raise ValueError(f"{label}: {name}={value} exceeds max_n={self.config.max_n}")
+
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
-        """Enqueue a validated request: one sequence per sample."""
+        """Enqueue a validated request: one sequence, which forks into the samples at its first draw."""
         return self.add_requests([(request_id, prompt, params)])[0]
 
     def add_requests(self, batch: Seq[tuple[str, PromptInput, SamplingParams]]) -> list[Request]:
@@ -161,21 +170,76 @@ class Engine:
             if request_id in self.requests or request_id in seen:
                 raise ValueError(f"request id {request_id!r} is already in use")
             seen.add(request_id)
-        requests = [self._make_request(*item) for item in batch]
-        self.scheduler.add_batch([seq for request in requests for seq in request.seqs])
+        requests = [self.new_request(request_id, prompt, params, max(params.n, params.best_of or 1))
+                    for request_id, prompt, params in batch]
+        self.scheduler.add_batch([request.seqs[0] for request in requests])
+        for request in requests:
+            self.requests[request.request_id] = request
         return requests
 
-    def _make_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
-        request = Request(request_id, prompt.text, prompt.token_ids, params)
-        self.counters.prompt_tokens += len(prompt.token_ids) * params.n
-        for index in range(params.n):
-            seed = None if params.seed is None else params.seed + index
-            seq = Sequence(next(self._seq_ids), request, index, list(prompt.token_ids),
-                           len(prompt.token_ids), seed,
-                           logprobs=[] if params.logprobs is not None else None)
-            request.seqs.append(seq)
-        self.requests[request_id] = request
+    def new_request(self, request_id: str, prompt: PromptInput, params: SamplingParams, num_samples: int = 1,
+                    hold: bool = False) -> Request:
+        """A request with its first sequence, not queued.
+
+        With hold, that sequence starts as a held one with nothing computed: a search root, which
+        runs when probed or forked.
+        """
+        request = Request(request_id, prompt.text, prompt.token_ids, params, num_samples=num_samples, hold=hold)
+        self.counters.prompt_tokens += len(prompt.token_ids)
+        seq = Sequence(next(self._seq_ids), request, 0, list(prompt.token_ids), len(prompt.token_ids),
+                       request.sample_seed(0), logprobs=[] if params.logprobs is not None else None)
+        if hold:
+            seq.status = SequenceStatus.FINISHED
+        request.seqs.append(seq)
         return request
+
+    # ----------------------------------------------------------------------------- branches
+    def fork(self, parent: Sequence, k: int, request: Request | None = None) -> list[Sequence]:
+        """k new sequences continuing parent's tokens on its KV, queued to run.
+
+        They join parent's request (more samples or beams), or start `request` whose prompt is
+        parent's tokens (a tree-search step). Children of a running parent run next step with
+        it; others wait for admission. See `forks.fork_kv` for how the KV is shared.
+        """
+        same = request is None or request is parent.request
+        request = parent.request if request is None else request
+        children = []
+        for _ in range(k):
+            index = len(request.seqs)
+            child = Sequence(next(self._seq_ids), request, index, list(parent.token_ids),
+                             parent.num_prompt_tokens if same else len(parent.token_ids), request.sample_seed(index))
+            if same:
+                child.cumulative_logprob = parent.cumulative_logprob
+                child.logprobs = None if parent.logprobs is None else list(parent.logprobs)
+            elif request.params.logprobs is not None:
+                child.logprobs = []
+            request.seqs.append(child)
+            children.append(child)
+        fork_kv(self.scheduler, parent, children)
+        for child in children:
+            if parent.status is SequenceStatus.RUNNING and child.kv is not None:
+                child.status = SequenceStatus.RUNNING
+                self.scheduler.running.append(child)
+            else:
+                self.scheduler.add(child)
+        return children
+
+    def probe(self, seq: Sequence, k: int) -> None:
+        """Compute seq's remaining tokens, then record its k best next tokens and hold it (beam search)."""
+        seq.probe_k, seq.candidates = k, None
+        if seq.status is SequenceStatus.FINISHED:
+            self.scheduler.resume(seq)
+
+    def run_until(self, done: Callable[[], bool], what: str) -> None:
+        """Step until done() (search drivers wait on their sequences this way); never spins idle."""
+        while not done():
+            if not self.scheduler.has_work():
+                raise RuntimeError(f"{what}: waiting on sequences but the engine has nothing to run")
+            self.step()
+
+    def release(self, seq: Sequence) -> None:
+        """Stop seq and free its pages now, pages only it held included (a pruned branch)."""
+        self.scheduler.abort(seq, forget=True)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its pages; unknown or finished ids are ignored."""
@@ -215,10 +279,10 @@ class Engine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
             return []
-        self.counters.record_step(batch, self.pool.num_pages - self.pool.num_free)
-        samplers = [item for item in batch if item.samples]
-        rows = [self._sampling_row(item.seq) for item in samplers]
-        result = self.runner.execute(batch, rows)
+        self.counters.record_step(batch, self.pages_in_use)
+        samplers = [item.seq for item in batch if item.samples]
+        draws = [self._draw_request(seq) for seq in samplers]
+        result: StepDraws | None = self.runner.execute(batch, draws)
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
             if self.config.enable_prefix_caching and item.seq.num_computed_tokens <= item.seq.num_prompt_tokens:
@@ -226,22 +290,43 @@ class Engine:
                 self.tree.publish(item.seq.kv, item.seq.token_ids[:item.seq.num_computed_tokens])
         self.scheduler.after_step(batch)
         finished: list[RequestOutput] = []
-        if result is not None:
-            for i, item in enumerate(samplers):
-                self._append_token(item.seq, result, i)
-            for item in samplers:
-                request = item.seq.request
-                if item.seq.is_finished and request.is_finished and request.request_id in self.requests:
-                    del self.requests[request.request_id]
-                    finished.append(self.make_output(request))
+        if result is None:
+            return finished
+        for i, seq in enumerate(samplers):
+            if seq.probe_k:
+                seq.probe_k, seq.candidates = 0, result.top[i]
+                self.scheduler.finish(seq, hold=True)
+                continue
+            # Fork before the first sample takes its token: the children copy its tokens so far.
+            extra = len(draws[i].rows) - 1
+            family = [seq] + (self.fork(seq, extra) if extra else [])
+            for k, member in enumerate(family):
+                self._append_token(member, result.sampled, result.first_row[i] + k)
+        for request in dict.fromkeys(seq.request for seq in samplers):
+            if request.is_finished and request.request_id in self.requests:
+                del self.requests[request.request_id]
+                finished.append(self.make_output(request))
         return finished
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    @property
+    def pages_in_use(self) -> int:
+        """Pages held by sequences, held branches or pins: all but the free and the idle cached ones."""
+        return self.pool.num_pages - self.pool.num_free - self.tree.num_evictable_pages
+
+    def _draw_request(self, seq: Sequence) -> DrawRequest:
+        """One row for seq's own draw plus one per sample it forks into here, or a beam probe."""
+        if seq.probe_k:
+            return DrawRequest(top_k=seq.probe_k)
+        request = seq.request
+        seeds = [seq.seed] + [request.sample_seed(i) for i in request.pending_forks(seq)]
+        return DrawRequest([self._sampling_row(seq, seed) for seed in seeds])
+
+    def _sampling_row(self, seq: Sequence, seed: int | None) -> SamplingRow:
         params = seq.request.params
         blocked: Seq[int] = ()
         if seq.num_output_tokens < params.min_tokens:
             blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
-        return SamplingRow(params, seq.seed, seq.token_ids, seq.num_prompt_tokens, blocked)
+        return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked)
 
     def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
         token = result.token_ids[row]
@@ -253,7 +338,7 @@ class Engine:
         reason, stop = self._stop_reason(seq, token, params)
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, hold=seq.request.hold)
 
     def _logprob_entry(self, token: int, result: SamplerOutput, row: int) -> dict[int, Logprob]:
         entry = {token: Logprob(result.logprobs[row], result.ranks[row], self._decode_one(token))}
@@ -300,16 +385,41 @@ class Engine:
         return stop
 
     def stats(self) -> dict[str, int | float]:
-        """Totals since start: what was computed, what the prefix tree saved, peak pages."""
+        """Totals since start: what was computed, what the prefix tree saved, pages in use.
+
+        prompt_tokens counts each request's prompt once (its samples share it);
+        prefill_tokens_computed is what the model actually ran other than decodes, so with
+        forks and prefix reuse it is far below prompt_tokens x n. Pages in use are those held
+        by sequences, held search branches and pins (idle cache excluded); see
+        `pages_in_use_series` for the per-step history.
+        """
         c, planner = self.counters, self.scheduler.planner
         return dict(prompt_tokens=c.prompt_tokens, unique_prompt_tokens=planner.unique_prompt_tokens,
                     prefill_tokens_computed=c.prefill_tokens, decode_tokens=c.decode_tokens,
-                    peak_pages_in_use=c.peak_pages, steps=c.steps, preemptions=self.scheduler.num_preemptions,
-                    pins_dropped=planner.pins_dropped, kv_pages=self.pool.num_pages)
+                    peak_pages_in_use=c.peak_pages, pages_in_use=self.pages_in_use, steps=c.steps,
+                    preemptions=self.scheduler.num_preemptions, pins_dropped=planner.pins_dropped,
+                    kv_pages=self.pool.num_pages)
+
+    def pages_in_use_series(self) -> list[int]:
+        """Pages in use at the start of each of the last (up to 65,536) steps, oldest first."""
+        return list(self.counters.pages_series)
 
     # ----------------------------------------------------------------------------- outputs
     def make_output(self, request: Request) -> RequestOutput:
+        """n completions by sample index; with best_of > n, the n of highest cumulative logprob, best first.
+
+        Samples not forked yet (the prompt is still prefilling) show as empty completions.
+        """
+        params = request.params
         completions = [self._completion(seq) for seq in request.seqs]
+        if request.num_samples > params.n:
+            order = sorted(range(len(request.seqs)), key=lambda i: -request.seqs[i].cumulative_logprob)
+            completions = [completions[i] for i in order[:params.n]]
+            for rank, completion in enumerate(completions):
+                completion.index = rank
+        completions += [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None,
+                                         logprobs=None if params.logprobs is None else [])
+                        for i in range(len(completions), params.n)]
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -346,10 +456,12 @@ class EngineCounters:
     decode_tokens: int = 0
     peak_pages: int = 0
     steps: int = 0
+    pages_series: deque[int] = field(default_factory=lambda: deque(maxlen=1 << 16))
 
     def record_step(self, batch: list[ScheduledSeq], pages_in_use: int) -> None:
         self.steps += 1
         self.peak_pages = max(self.peak_pages, pages_in_use)
+        self.pages_series.append(pages_in_use)
         for item in batch:
             seq = item.seq
             if item.num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:

@@ -6,20 +6,25 @@ with `reserve_output_kv` a sequence is admitted only while the pool (free plus e
 also holds what every running sequence and it still need to reach max_tokens, so admitted work
 runs to the end without preemption (memory-centric batching); when nothing runs, the head is
 admitted regardless so that work always moves. The planner gates admission on shared prefixes
-(see planner.py). When pages still run out, the newest running sequence is preempted: its KV
-is released (full pages stay in the tree as cache) and it is recomputed later from its tokens,
-so nothing is lost and its output does not change. A pinned shared prefix that no live sequence
-is on gives way only when there is nothing left to preempt, or nothing runs and the head of the
-queue cannot be admitted: pins never deadlock a small pool, and otherwise outlast LRU.
+(see planner.py).
+
+Finished sequences of tree and beam search are *held*: they keep their KV so that forks from
+them start from it; forks may also wait for admission with KV. Such parked KV is the first thing
+given up when pages run out. Next, a pinned shared prefix that no live sequence is on gives way,
+but only when there is nothing left to preempt, or nothing runs and the head of the queue cannot
+be admitted: pins never deadlock a small pool, and otherwise outlast LRU. Last, the newest
+running sequence is preempted: its KV is released (full pages stay in the tree as cache) and it
+is recomputed later from its tokens, so nothing is lost and its output does not change.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
 from forkserve.engine.planner import MIN_SHARED_PREFIX_LEN, Planner
 from forkserve.engine.sequence import Sequence, SequenceStatus
-from forkserve.engine.tree import PrefixTree, SeqKV
+from forkserve.engine.tree import PrefixTree
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Scheduler:
         self.planner = Planner(tree, max_model_len, min_shared_prefix_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.held: dict[Sequence, None] = {}  # finished sequences keeping their KV, oldest first
         self.num_preemptions = 0
         self.num_steps = 0
 
@@ -71,10 +77,11 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        # Forks can leave more than max_num_seqs running; the rest wait for a later step.
+        while i < len(self.running) and budget > 0 and len(batch) < self.max_num_seqs:
             seq = self.running[i]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            while not self.tree.reserve(seq.kv, seq.num_computed_tokens + n):
+            while not self._reserve(seq, seq.num_computed_tokens + n):
                 if self.running[-1] is seq and self.planner.drop_idle_pin():
                     continue  # nothing else left to preempt: a pinned prefix nobody is on gives way
                 # Preempt from the back: those were admitted last and are not scheduled yet.
@@ -95,9 +102,9 @@ class Scheduler:
         """The step's KV is computed and published: let the planner pin prefixes and wake sequences."""
         self._requeue(self.planner.after_step(item.seq for item in batch))
 
-    def _reserve_to_admit(self, kv: SeqKV, num_tokens: int) -> bool:
+    def _reserve_to_admit(self, seq: Sequence, num_tokens: int) -> bool:
         """Pages for an admission; when nothing runs, idle pinned prefixes give way (work must move)."""
-        while not self.tree.reserve(kv, num_tokens):
+        while not self._reserve(seq, num_tokens):
             if self.running or not self.planner.drop_idle_pin():
                 return False
         return True
@@ -133,7 +140,7 @@ class Scheduler:
                     committed = sum(self._pages_to_finish(s) for s in self.running)
                 room = self.tree.num_free_pages + self.tree.num_evictable_pages
                 fits = committed + self._pages_to_finish(seq) <= room
-            if not fits or not self._reserve_to_admit(seq.kv, seq.num_computed_tokens + n):
+            if not fits or not self._reserve_to_admit(seq, seq.num_computed_tokens + n):
                 self.tree.release(seq.kv)
                 seq.kv = None
                 seq.num_computed_tokens = 0
@@ -162,22 +169,61 @@ class Scheduler:
         self._requeue(self.planner.released(seq, leaves=False))
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished sequence and release its KV, keeping its full pages as cache."""
-        self.running.remove(seq)
-        self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
-        seq.kv = None
-        seq.status = SequenceStatus.FINISHED
-        self._requeue(self.planner.released(seq, leaves=True))
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pages for num_tokens of seq, giving up parked KV while that helps."""
+        while not self.tree.reserve(seq.kv, num_tokens):
+            if not self.drop_parked(keep=seq):
+                return False
+        return True
 
-    def abort(self, seq: Sequence) -> None:
-        """Drop a sequence wherever it is (running, waiting or parked), freeing its pages at once."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq.kv is not None:
-            self.tree.release(seq.kv)
+    def drop_parked(self, keep: Sequence | None = None) -> bool:
+        """Release one parked KV (but keep's) to the cache; False if there was none.
+
+        Parked KV belongs to sequences that are not running: held ones (oldest first), then
+        forks waiting for admission (newest first). Giving it up costs a recompute later,
+        never a failure, so it goes before any running sequence is preempted.
+        """
+        for seq in itertools.chain(self.held, reversed(self.waiting)):
+            if seq is not keep and seq.kv is not None:
+                self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
+                seq.kv = None
+                seq.num_computed_tokens = 0
+                return True
+        return False
+
+    def finish(self, seq: Sequence, hold: bool = False) -> None:
+        """End a sequence: release its KV (full pages stay as cache), or hold it for forks."""
+        self._remove(seq)
+        if hold:
+            self.held[seq] = None
+        elif seq.kv is not None:
+            self.tree.release(seq.kv, seq.token_ids[:seq.num_computed_tokens])
             seq.kv = None
         seq.status = SequenceStatus.FINISHED
         self._requeue(self.planner.released(seq, leaves=True))
+
+    def resume(self, seq: Sequence) -> None:
+        """Queue a held sequence to compute its remaining tokens (with its KV, if still held)."""
+        self.held.pop(seq, None)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence, forget: bool = False) -> None:
+        """Drop a sequence wherever it is, freeing its pages at once.
+
+        With forget, tree pages that nobody else holds go back to the pool too instead of
+        staying as cache (a pruned search branch will not be asked for again).
+        """
+        self._remove(seq)
+        self.held.pop(seq, None)
+        if seq.kv is not None:
+            self.tree.release(seq.kv, forget=forget)
+            seq.kv = None
+        seq.status = SequenceStatus.FINISHED
+        self._requeue(self.planner.released(seq, leaves=True))
+
+    def _remove(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)

@@ -35,6 +35,8 @@ class Sequence:
     text: str = ""  # set while checking stop strings and at finish
     num_preemptions: int = 0
     arrival_step: int = 0  # scheduler step at which it was queued (for the waiting order's ageing)
+    probe_k: int = 0  # beam probe: at its next draw, report the k best tokens instead of sampling
+    candidates: list[tuple[int, float]] | None = None  # a finished probe's (token, logprob), best first
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -51,7 +53,11 @@ class Sequence:
 
 @dataclass(eq=False)
 class Request:
-    """A prompt with its sampling parameters; it finishes when all its sequences have."""
+    """A prompt with its sampling parameters; it finishes when all its sequences have.
+
+    It starts as one sequence that prefills the prompt; at that sequence's first draw it forks
+    into `num_samples` (n, or best_of when larger), so the prompt is computed once.
+    """
 
     request_id: str
     prompt: str | None
@@ -59,7 +65,17 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission, as vLLM reports it
+    num_samples: int = 1
+    hold: bool = False  # finished sequences keep their KV (tree search: they are forked later)
 
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    def sample_seed(self, index: int) -> int | None:
+        """Sample i draws from seed `params.seed + i`: exactly what a request with that seed draws."""
+        return None if self.params.seed is None else self.params.seed + index
+
+    def pending_forks(self, seq: Sequence) -> range:
+        """Sample indices that `seq` forks into at this draw (only the first sample, only once)."""
+        return range(len(self.seqs), self.num_samples) if seq.index == 0 else range(0)

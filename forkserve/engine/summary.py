@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # Reported as they stand at the end rather than as differences.
-LEVELS = ("peak_pages_in_use", "kv_pages")
+LEVELS = ("peak_pages_in_use", "pages_in_use", "kv_pages")
 
 
 def batch_summary(before: dict[str, int | float], after: dict[str, int | float]) -> dict[str, int | float]:

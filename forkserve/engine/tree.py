@@ -258,8 +258,12 @@ class PrefixTree:
         seq._path_pages = seq._path_pages + added
         seq._table = None
 
-    def release(self, seq: SeqKV, tokens: Sequence[int] | None = None) -> None:
-        """End a sequence: keep its computed full pages as cache (if caching), free the rest."""
+    def release(self, seq: SeqKV, tokens: Sequence[int] | None = None, forget: bool = False) -> None:
+        """End a sequence: keep its computed full pages as cache (if caching), free the rest.
+
+        With forget, the nodes at the end of its path that nobody else holds are freed too, so a
+        pruned branch's pages go back to the pool at once rather than waiting for eviction.
+        """
         seq._check_live()
         if self.enable_caching and tokens is not None:
             self.publish(seq, tokens)
@@ -268,7 +272,7 @@ class PrefixTree:
         seq._table = None
         self._adjust(seq.node, -1, 0)
         seq._released = True
-        if not self.enable_caching:
+        if forget or not self.enable_caching:
             self._drop_unused(seq.node)
 
     def fork(self, seq: SeqKV, tokens: Sequence[int], k: int) -> list[SeqKV]:

@@ -1,0 +1,1 @@
+"""Search on the prefix tree: HF-exact beam search and fork/join tree search."""
