@@ -67,6 +67,10 @@ class EngineConfig:
     max_n: int = 1024  # cap on n, best_of, beam_width and tree-search fork widths (each is a sequence)
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, reference elsewhere
     enforce_eager: bool = False  # no CUDA graphs
+    # queue step k+1 before reading step k's tokens, so host work overlaps the GPU (vLLM's
+    # --async-scheduling); steps of requests that need their tokens on the host at once (n > 1,
+    # penalties, beam and tree search) still run one at a time
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "min_shared_prefix_len", "max_n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,8 +11,12 @@ from forkserve.attention.base import AttentionBackend, AttentionMetadata
 from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.engine.pages import KVCache
 from forkserve.engine.scheduler import ScheduledSeq
+from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws
 from forkserve.model.llama import LlamaForCausalLM
-from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
+from forkserve.sampler import Draws, SamplerOutput, SamplingRow
+from forkserve.transfer import to_device
+
+PLACEHOLDER = -1  # token id of a draw still on the GPU; the next step reads it from there
 
 
 def build_metadata(batch: list[ScheduledSeq], page_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -41,7 +46,7 @@ def build_metadata(batch: list[ScheduledSeq], page_size: int, device: torch.devi
     positions = np.arange(len(input_ids)) - query_start[:-1][row_of_token] + starts[row_of_token]
     slots = pages[kv_indptr[:-1][row_of_token] + positions // page_size].astype(np.int64) * page_size \
         + positions % page_size
-    on_device = torch.from_numpy(np.stack([np.asarray(input_ids, dtype=np.int64), positions, slots])).to(device)
+    on_device = to_device(np.stack([np.asarray(input_ids, dtype=np.int64), positions, slots]), device)
     meta = AttentionMetadata(
         query_start=torch.from_numpy(query_start),
         kv_indptr=torch.from_numpy(kv_indptr),
@@ -54,11 +59,22 @@ def build_metadata(batch: list[ScheduledSeq], page_size: int, device: torch.devi
     return on_device[0], on_device[1], meta
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work is queued: its draws reach the host when `result` is called."""
+
+    tokens: torch.Tensor  # drawn token per sampling row, on the device: the next step's inputs
+    draws: Draws  # host copies in flight
+
+    def result(self) -> SamplerOutput:
+        return self.draws.to_host()
+
+
 class ModelRunner:
     """Owns the model, the KV tensors and the attention backend for one device."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: AttentionBackend,
-                 sampler: Sampler, device: torch.device, graphs: DecodeGraphs | None = None) -> None:
+                 sampler: ForkingSampler, device: torch.device, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -67,9 +83,34 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], rows: list[SamplingRow]) -> SamplerOutput | None:
-        """Run one step; `rows` describe, in batch order, the sequences that sample this step."""
+    def execute(self, batch: list[ScheduledSeq], draws: list[DrawRequest]) -> StepDraws | None:
+        """Run one step and wait for its draws; `draws` are, in batch order, those of the sequences that sample."""
+        logits = self._forward(batch, None)
+        return None if logits is None else self.sampler(logits, draws)
+
+    @torch.inference_mode()
+    def launch(self, batch: list[ScheduledSeq], rows: list[SamplingRow], previous: LaunchedStep | None) -> LaunchedStep:
+        """Queue one step of plain draws (one row per sampling sequence) without waiting for it.
+
+        A sequence whose last token is a PLACEHOLDER takes it from `previous` (row
+        `seq.pending_row`), on the device.
+        """
+        logits = self._forward(batch, previous)
+        assert logits is not None, "a launched step must sample"
+        draws = self.sampler.sampler.draw(logits, rows)
+        return LaunchedStep(draws.tokens, draws.copy_to_host())
+
+    def _forward(self, batch: list[ScheduledSeq], previous: LaunchedStep | None) -> torch.Tensor | None:
+        """Logits at the last token of each sampling sequence (None if none samples)."""
         input_ids, positions, meta = build_metadata(batch, self.kv_cache.page_size, self.device)
+        query_ends = meta.query_start.tolist()[1:]
+        pending = [(query_ends[b] - 1, item.seq.pending_row) for b, item in enumerate(batch)
+                   if item.seq.token_ids[-1] == PLACEHOLDER]
+        if pending:
+            # The placeholder is the last token of its sequence, so always the last one this step computes.
+            assert previous is not None, "a placeholder token without the step that draws it"
+            index = to_device(pending, self.device, torch.long)
+            input_ids.index_copy_(0, index[:, 0], previous.tokens[index[:, 1]])
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
@@ -79,9 +120,9 @@ class ModelRunner:
                 return self.backend.forward(layer, q, k, v, self.kv_cache, meta)
 
             hidden = self.model(input_ids, positions, attention)
-        if not rows:
-            return None
-        query_ends = meta.query_start.tolist()[1:]
         last = [query_ends[b] - 1 for b, item in enumerate(batch) if item.samples]
-        logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
-        return self.sampler(logits, rows)
+        if not last:
+            return None
+        if len(last) < hidden.shape[0]:
+            hidden = hidden[to_device(last, self.device, torch.long)]
+        return self.model.compute_logits(hidden)

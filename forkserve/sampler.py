@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from forkserve.sampling_params import SamplingParams
+from forkserve.transfer import to_device
 
 
 @dataclass
@@ -46,6 +47,53 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]] | None]  # top-k (token, logprob) where asked for
 
 
+@dataclass
+class Draws:
+    """A step's draws as tensors, on the device until `to_host` (the step's one sync point).
+
+    `copy_to_host` starts the device-to-host copy without waiting, so the host can launch the
+    next step first and collect these tokens while it runs.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor  # raw log-softmax at each drawn token
+    wanted: list[int | None]  # per row, how many top logprobs it asked for (None: none at all)
+    ranks: torch.Tensor | None = None  # only when some row asked for logprobs
+    top_ids: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # set by copy_to_host: when the host copies are complete
+
+    def copy_to_host(self) -> Draws:
+        """Pinned host copies, queued behind the work that computes them."""
+        if self.tokens.device.type != "cuda":
+            return self
+        host = {name: None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for name, t in self._tensors().items()}
+        ready = torch.cuda.Event()
+        ready.record()
+        return Draws(wanted=self.wanted, ready=ready, **host)
+
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return dict(tokens=self.tokens, logprobs=self.logprobs, ranks=self.ranks, top_ids=self.top_ids,
+                    top_values=self.top_values)
+
+    def to_host(self) -> SamplerOutput:
+        if self.ready is not None:
+            self.ready.synchronize()
+        token_list, logprob_list = self.tokens.tolist(), self.logprobs.tolist()
+        if self.ranks is None:
+            return SamplerOutput(token_list, logprob_list, [0] * len(token_list), [None] * len(token_list))
+        top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+        top_values = self.top_values.tolist() if self.top_values is not None else None
+        top_logprobs: list[list[tuple[int, float]] | None] = []
+        for i, want in enumerate(self.wanted):
+            if want is None:
+                top_logprobs.append(None)
+            else:
+                top_logprobs.append(list(zip(top_ids[i][:want], top_values[i][:want])) if want else [])
+        return SamplerOutput(token_list, logprob_list, self.ranks.tolist(), top_logprobs)
+
+
 def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -77,8 +125,7 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
 
 def _pad(rows: list[Sequence[int]], fill: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
-    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long,
-                        device=device).reshape(len(rows), width)
+    return to_device([list(r) + [fill] * (width - len(r)) for r in rows], device, torch.long).reshape(len(rows), width)
 
 
 class Sampler:
@@ -89,13 +136,17 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        return self.draw(logits, rows).to_host()
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> Draws:
+        """The step's draws as device tensors; nothing here waits for the GPU."""
         logits = logits.float()
         log_normaliser = torch.logsumexp(logits, dim=-1)
         raw_logits = logits
         logits = self._apply_penalties(logits, rows)
         blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
         if blocked:
-            index = torch.tensor(blocked, dtype=torch.long, device=logits.device)
+            index = to_device(blocked, logits.device, torch.long)
             logits = logits.clone() if logits is raw_logits else logits
             logits[index[:, 0], index[:, 1]] = float("-inf")
         greedy = [r.params.greedy for r in rows]
@@ -104,26 +155,16 @@ class Sampler:
         else:
             tokens = self._draw(logits, rows)
             if any(greedy):
-                tokens = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(dim=-1), tokens)
+                tokens = torch.where(to_device(greedy, logits.device), logits.argmax(dim=-1), tokens)
         chosen = raw_logits.gather(1, tokens[:, None]).squeeze(1) - log_normaliser
-        k = max((r.params.logprobs if r.params.logprobs is not None else -1) for r in rows)
+        wanted = [r.params.logprobs for r in rows]
+        k = max((w if w is not None else -1) for w in wanted)
         if k < 0:  # nobody asked for logprobs: skip the ranks and top-k passes over the vocabulary
-            token_list, logprob_list = tokens.tolist(), chosen.tolist()
-            return SamplerOutput(token_list, logprob_list, [0] * len(rows), [None] * len(rows))
+            return Draws(tokens, chosen, wanted)
         ranks = (raw_logits > raw_logits.gather(1, tokens[:, None])).sum(dim=-1) + 1
         top = torch.topk(raw_logits, k, dim=-1) if k else None
-        token_list, rank_list = torch.stack([tokens, ranks]).tolist()
-        logprob_list = chosen.tolist()
-        top_values = (top.values - log_normaliser[:, None]).tolist() if top is not None else None
-        top_ids = top.indices.tolist() if top is not None else None
-        top_logprobs: list[list[tuple[int, float]] | None] = []
-        for i, row in enumerate(rows):
-            want = row.params.logprobs
-            if want is None:
-                top_logprobs.append(None)
-            else:
-                top_logprobs.append(list(zip(top_ids[i][:want], top_values[i][:want])) if want else [])
-        return SamplerOutput(token_list, logprob_list, rank_list, top_logprobs)
+        return Draws(tokens, chosen, wanted, ranks, top.indices if top is not None else None,
+                     top.values - log_normaliser[:, None] if top is not None else None)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """vLLM's penalties: repetition over prompt and output, frequency and presence over output."""
@@ -139,11 +180,11 @@ class Sampler:
         if use_rep:
             prompts = _pad([r.prompt_token_ids for r in rows], vocab, dev)
             seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, prompts, True)[:, :vocab] | (counts > 0)
-            rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+            rep = to_device([p.repetition_penalty for p in params], dev)[:, None]
             logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
         if use_out:
-            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-            pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+            freq = to_device([p.frequency_penalty for p in params], dev)[:, None]
+            pres = to_device([p.presence_penalty for p in params], dev)[:, None]
             logits = logits - freq * counts - pres * (counts > 0).float()
         return logits
 
@@ -152,10 +193,10 @@ class Sampler:
         n, vocab = logits.shape
         dev = logits.device
         params = [r.params for r in rows]
-        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+        temperature = to_device([p.temperature if not p.greedy else 1.0 for p in params], dev)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+            min_p = to_device([p.min_p for p in params], dev)[:, None]
             probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             probs = self._top_k_top_p(probs, params)
@@ -165,8 +206,8 @@ class Sampler:
     def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         vocab = probs.shape[1]
         dev = probs.device
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)[:, None]
-        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+        top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], dev)[:, None]
+        top_p = to_device([p.top_p for p in params], dev)[:, None]
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         position = torch.arange(vocab, device=dev)[None, :]
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
@@ -181,8 +222,8 @@ class Sampler:
             return torch.empty(len(rows), vocab, device=dev).exponential_(generator=self.generator).clamp_(min=1e-20)
         uniform = torch.empty(len(rows), vocab, device=dev)
         unseeded = [i for i, r in enumerate(rows) if r.seed is None]
-        seeds = torch.tensor([rows[i].seed % (1 << 63) for i in seeded], device=dev)
-        steps = torch.tensor([rows[i].step for i in seeded], device=dev)
+        seeds = to_device([rows[i].seed % (1 << 63) for i in seeded], dev)
+        steps = to_device([rows[i].step for i in seeded], dev)
         uniform[seeded] = seeded_uniform(seeds, steps, vocab)
         if unseeded:
             uniform[unseeded] = torch.rand(len(unseeded), vocab, device=dev, generator=self.generator).clamp_(min=1e-20)

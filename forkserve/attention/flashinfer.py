@@ -27,15 +27,16 @@ class FlashInferBackend(AttentionBackend):
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._active = self._decode
+        self._staged: torch.cuda.Event | None = None  # when the last plan's host-to-device copies are queued
 
     def prepare(self, meta: AttentionMetadata, kv_cache: KVCache) -> None:
         if meta.is_decode:
             self.plan_decode(self._decode, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, kv_cache)
             self._active = self._decode
         else:
-            self._prefill.plan(meta.query_start, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
-                               self.num_q_heads, self.num_kv_heads, self.head_dim, kv_cache.page_size,
-                               causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
+            self._plan(self._prefill, meta.query_start, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
+                       self.num_q_heads, self.num_kv_heads, self.head_dim, kv_cache.page_size,
+                       causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
             self._active = self._prefill
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -51,8 +52,23 @@ class FlashInferBackend(AttentionBackend):
 
     def plan_decode(self, wrapper, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                     kv_last_page_len: torch.Tensor, kv_cache: KVCache) -> None:
-        wrapper.plan(kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads, self.head_dim,
-                     kv_cache.page_size, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
+        self._plan(wrapper, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads,
+                   self.head_dim, kv_cache.page_size, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
+
+    def _plan(self, wrapper, *index_tensors_and_shape, **options) -> None:
+        """wrapper.plan, safe while the host runs a step ahead of the GPU.
+
+        Index tensors are pinned so their copies never wait for the stream. A plan stages its
+        schedule in a pinned buffer that the next plan rewrites, so that one first waits until
+        the GPU has taken the previous plan's copy (by then it nearly always has).
+        """
+        args = [a.pin_memory() if isinstance(a, torch.Tensor) and not a.is_pinned() else a
+                for a in index_tensors_and_shape]
+        if self._staged is not None:
+            self._staged.synchronize()
+        wrapper.plan(*args, **options)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
 
     @staticmethod
     def run(wrapper, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,

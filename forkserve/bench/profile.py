@@ -4,7 +4,8 @@ Run on the GPU machine:
     python -m forkserve.bench.profile CONFIG_DIR --batch 256,1024 --context 1024,2100
 For each (batch, context) it fills the engine with `batch` requests of `context` prompt tokens,
 lets prefill finish, then times steady decode steps: wall time per step, and from the profiler
-the GPU time per step split by kernel kind. Wall minus GPU busy time is host time the GPU waited for.
+the GPU time per step split by kernel kind. Wall minus GPU busy time is host time the GPU waited for
+(with async scheduling, host work that did not fit under the previous step's GPU time).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def profile_decode(llm: LLM, batch: int, context: int, steps: int, temperature: 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             start = time.perf_counter()
-            engine.step()  # ends with the sampler's host copy, so the step's GPU work is done
+            engine.step()  # waits for a step's draws: this one's, or the previous one's with async scheduling
             walls.append((time.perf_counter() - start) * 1000)
     kernels = {k: v / steps for k, v in kernel_times_ms(prof).items()}
     running = len(engine.scheduler.running)

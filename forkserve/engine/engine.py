@@ -22,7 +22,7 @@ from forkserve.engine.tree import PrefixTree
 from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
-from forkserve.runner import ModelRunner
+from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
 from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
 from forkserve.sampling_params import SamplingParams
@@ -36,6 +36,14 @@ class PromptInput:
 
     token_ids: list[int]
     text: str | None = None
+
+
+@dataclass
+class InFlightStep:
+    """A queued step (async scheduling): its sampling sequences, in row order, and its draws."""
+
+    seqs: list[Sequence]
+    launched: LaunchedStep
 
 
 class Engine:
@@ -64,6 +72,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
+        self._in_flight: InFlightStep | None = None  # async scheduling: the step whose draws are still on the GPU
         self.stop_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(self.tokenizer.eos_token_id)
@@ -273,23 +282,39 @@ class Engine:
 
     # ----------------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of requests that finished in it."""
+        """Run one batch; return the outputs of requests that finished in it (or, with async
+        scheduling, in the step before it, whose tokens are read once this one is queued)."""
         batch = self.scheduler.schedule()
-        if not batch:
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
-            return []
-        self.counters.record_step(batch, self.pages_in_use)
         samplers = [item.seq for item in batch if item.samples]
+        finished: list[RequestOutput] = []
+        had_in_flight = self._in_flight is not None
+        if had_in_flight and not self._can_overlap(samplers):
+            # This step needs the previous one's tokens on the host first; sequences those
+            # tokens end drop out of it.
+            finished = self._resolve_in_flight()
+            batch = [item for item in batch if not item.seq.is_finished]
+            samplers = [seq for seq in samplers if not seq.is_finished]
+        if not batch:
+            finished += self._resolve_in_flight()
+            if not had_in_flight and self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
+            return finished  # sequences the previous step's tokens ended may have made room
+        self.counters.record_step(batch, self.pages_in_use)
+        if self._can_overlap(samplers):
+            previous = self._in_flight
+            rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
+            launched = self.runner.launch(batch, rows, previous.launched if previous else None)
+            self._advance(batch)
+            for row, seq in enumerate(samplers):
+                seq.token_ids.append(PLACEHOLDER)
+                seq.num_pending += 1
+                seq.pending_row = row
+                seq.final_in_flight = self._stop_by_length(seq, seq.request.params)
+            self._in_flight = InFlightStep(samplers, launched)
+            return finished + (self._resolve(previous) if previous else [])
         draws = [self._draw_request(seq) for seq in samplers]
         result: StepDraws | None = self.runner.execute(batch, draws)
-        for item in batch:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            if self.config.enable_prefix_caching and item.seq.num_computed_tokens <= item.seq.num_prompt_tokens:
-                # Prefill chunk done: its full pages become reusable by others right away.
-                self.tree.publish(item.seq.kv, item.seq.token_ids[:item.seq.num_computed_tokens])
-        self.scheduler.after_step(batch)
-        finished: list[RequestOutput] = []
+        self._advance(batch)
         if result is None:
             return finished
         for i, seq in enumerate(samplers):
@@ -302,7 +327,49 @@ class Engine:
             family = [seq] + (self.fork(seq, extra) if extra else [])
             for k, member in enumerate(family):
                 self._append_token(member, result.sampled, result.first_row[i] + k)
-        for request in dict.fromkeys(seq.request for seq in samplers):
+        return finished + self._finished_outputs(samplers)
+
+    def _can_overlap(self, samplers: list[Sequence]) -> bool:
+        """May this step be queued before the previous step's tokens are read (async scheduling)?"""
+        return self.config.async_scheduling and bool(samplers) and \
+            not any(seq.request.needs_tokens_at_once or seq.probe_k for seq in samplers)
+
+    def _advance(self, batch: list[ScheduledSeq]) -> None:
+        """The step's KV is computed (or queued to be): move progress, publish finished prefill pages."""
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if self.config.enable_prefix_caching and item.seq.num_computed_tokens <= item.seq.num_prompt_tokens:
+                # Prefill chunk done: its full pages become reusable by others right away.
+                self.tree.publish(item.seq.kv, item.seq.token_ids[:item.seq.num_computed_tokens])
+        self.scheduler.after_step(batch)
+
+    def _resolve_in_flight(self) -> list[RequestOutput]:
+        step, self._in_flight = self._in_flight, None
+        return self._resolve(step) if step is not None else []
+
+    def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
+        """Put a queued step's draws in place of its placeholders, then run the stop checks.
+
+        A sequence may have queued one more step meanwhile (one more placeholder); if this
+        token ends it, that step's token is dropped. Aborted sequences are skipped.
+        """
+        result = step.launched.result()
+        for row, seq in enumerate(step.seqs):
+            if seq.is_finished:
+                continue
+            at = len(seq.token_ids) - seq.num_pending
+            newer = seq.token_ids[at + 1:]
+            del seq.token_ids[at:]
+            seq.num_pending -= 1 + len(newer)
+            self._append_token(seq, result, row)
+            if not seq.is_finished:
+                seq.token_ids += newer
+                seq.num_pending += len(newer)
+        return self._finished_outputs(step.seqs)
+
+    def _finished_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        for request in dict.fromkeys(seq.request for seq in seqs):
             if request.is_finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
                 finished.append(self.make_output(request))
@@ -361,11 +428,14 @@ class Engine:
                 hit = self._find_stop_string(seq, params)
                 if hit is not None:
                     return "stop", hit
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            return "length", None
-        if len(seq.token_ids) >= self.max_model_len:
+        if self._stop_by_length(seq, params):
             return "length", None
         return None, None
+
+    def _stop_by_length(self, seq: Sequence, params: SamplingParams) -> bool:
+        """seq's tokens (pending draws included) reach max_tokens or max_model_len."""
+        return (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
+            or len(seq.token_ids) >= self.max_model_len
 
     def _find_stop_string(self, seq: Sequence, params: SamplingParams) -> str | None:
         """Decode the output so far; cut the text at the earliest stop string that appeared."""

@@ -80,6 +80,9 @@ class Scheduler:
         # Forks can leave more than max_num_seqs running; the rest wait for a later step.
         while i < len(self.running) and budget > 0 and len(batch) < self.max_num_seqs:
             seq = self.running[i]
+            if seq.final_in_flight:  # its last token is being drawn: nothing left to compute
+                i += 1
+                continue
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while not self._reserve(seq, seq.num_computed_tokens + n):
                 if self.running[-1] is seq and self.planner.drop_idle_pin():

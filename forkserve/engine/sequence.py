@@ -37,13 +37,20 @@ class Sequence:
     arrival_step: int = 0  # scheduler step at which it was queued (for the waiting order's ageing)
     probe_k: int = 0  # beam probe: at its next draw, report the k best tokens instead of sampling
     candidates: list[tuple[int, float]] | None = None  # a finished probe's (token, logprob), best first
+    # Async scheduling: trailing PLACEHOLDER tokens whose draws are still on the GPU, the row of
+    # the newest one in its step, and whether that draw is this sequence's last by length.
+    num_pending: int = 0
+    pending_row: int = -1
+    final_in_flight: bool = False
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Output tokens known on the host (draws still on the GPU left out)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens drawn so far, pending ones included."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -71,6 +78,13 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def needs_tokens_at_once(self) -> bool:
+        """Its draws feed the host's next decision (forks, penalties, search): no async scheduling."""
+        p = self.params
+        return self.hold or self.num_samples > 1 or p.repetition_penalty != 1.0 \
+            or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
     def sample_seed(self, index: int) -> int | None:
         """Sample i draws from seed `params.seed + i`: exactly what a request with that seed draws."""

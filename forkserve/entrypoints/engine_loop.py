@@ -249,7 +249,7 @@ class EngineLoop:
             if request_id in self._not_started and any(s.status is not SequenceStatus.WAITING for s in request.seqs):
                 self._not_started.discard(request_id)
                 started.append(request_id)
-            tokens = sum(s.num_output_tokens for s in request.seqs)
+            tokens = sum(len(s.output_token_ids) for s in request.seqs)
             if tokens != self._last_tokens[request_id]:
                 self._generated += tokens - self._last_tokens[request_id]
                 self._last_tokens[request_id] = tokens
