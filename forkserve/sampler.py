@@ -2,15 +2,19 @@
 
 Draws use the exponential race, ``argmax(probs / E)`` with ``E = -log(U)``. For a seeded row,
 U is a counter-based hash of (seed, step, token id), so a seeded request draws the same tokens
-whatever else shares its batch and whichever row it lands on.
+whatever else shares its batch and whichever row it lands on. On the GPU, a step whose rows are
+all plain (temperature only, unseeded, no logprobs) is drawn by one pass of a Triton kernel
+(forkserve/kernels/sampling.py) instead.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from forkserve.kernels import gpu_kernels
 from forkserve.sampling_params import SamplingParams
 from forkserve.transfer import to_device
 
@@ -128,18 +132,33 @@ def _pad(rows: list[Sequence[int]], fill: int, device: torch.device) -> torch.Te
     return to_device([list(r) + [fill] * (width - len(r)) for r in rows], device, torch.long).reshape(len(rows), width)
 
 
+def _is_plain(row: SamplingRow) -> bool:
+    """Temperature (or greedy) only, unseeded, no logprobs: what the one-pass GPU kernel draws."""
+    p = row.params
+    return row.seed is None and not row.blocked_token_ids and p.logprobs is None and p.top_k <= 0 \
+        and p.top_p >= 1.0 and p.min_p <= 0.0 and p.repetition_penalty == 1.0 \
+        and not p.frequency_penalty and not p.presence_penalty
+
+
 class Sampler:
     def __init__(self, seed: int | None = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
+        self._philox = random.Random(seed)  # seeds of the GPU kernel's draws, chosen without a device sync
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         return self.draw(logits, rows).to_host()
 
     def draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> Draws:
         """The step's draws as device tensors; nothing here waits for the GPU."""
+        kernels = gpu_kernels("sampling", logits)
+        if kernels is not None and all(_is_plain(r) for r in rows):
+            temperatures = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
+                                     logits.device, torch.float32)
+            tokens, chosen = kernels.sample(logits, temperatures, self._philox.getrandbits(31))
+            return Draws(tokens, chosen, [None] * len(rows))
         logits = logits.float()
         log_normaliser = torch.logsumexp(logits, dim=-1)
         raw_logits = logits

@@ -15,15 +15,16 @@ mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export FLASHINFER_WORKSPACE_BASE=/tmp/fibase
+export TRITON_CACHE_DIR=/tmp/fibase/.cache/triton  # saved with FlashInfer's JIT output
 mkdir -p /tmp/fibase/.cache
 if [ -f .fi-cache/flashinfer.tar.xz.00 ]; then cat .fi-cache/flashinfer.tar.xz.* | xz -d | tar -xf - -C /tmp/fibase/.cache; fi
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
 save_jit_cache() {
-    tar -cf - -C /tmp/fibase/.cache flashinfer | xz -T8 -1 | split -b 15M -d - "$out/flashinfer.tar.xz."
+    tar -cf - -C /tmp/fibase/.cache flashinfer $(cd /tmp/fibase/.cache && ls -d triton 2>/dev/null) | xz -T8 -1 | split -b 15M -d - "$out/flashinfer.tar.xz."
 }
 trap save_jit_cache EXIT
 if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 || true
+    python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_gpu.py 2>&1 | tail -22 || true
 fi
 if [ -d /tmp/vsite ] && [ "$engine" != forkserve ]; then
     export FORKSERVE_VLLM_PATH=/tmp/vsite

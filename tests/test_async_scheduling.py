@@ -7,7 +7,7 @@ import pytest
 
 from forkserve import SamplingParams
 from forkserve.engine.engine import Engine
-from tests.cpu_llm import cpu_llm
+from cpu_llm import cpu_llm
 
 
 def _batch(vocab: int) -> tuple[list[dict], list[SamplingParams]]:

@@ -11,6 +11,7 @@ import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata, write_kv
 from forkserve.engine.pages import KVCache
+from forkserve.transfer import to_device
 
 WORKSPACE_BYTES = 768 << 20  # split-kv partials of a 1024-row decode step need ~320 MB
 
@@ -52,6 +53,8 @@ class FlashInferBackend(AttentionBackend):
 
     def plan_decode(self, wrapper, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                     kv_last_page_len: torch.Tensor, kv_cache: KVCache) -> None:
+        if wrapper.is_cuda_graph_enabled:  # it would copy host indices into its buffer with a blocking copy
+            kv_indices = to_device(kv_indices, self._workspace.device)
         self._plan(wrapper, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads,
                    self.head_dim, kv_cache.page_size, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
 
@@ -62,7 +65,7 @@ class FlashInferBackend(AttentionBackend):
         schedule in a pinned buffer that the next plan rewrites, so that one first waits until
         the GPU has taken the previous plan's copy (by then it nearly always has).
         """
-        args = [a.pin_memory() if isinstance(a, torch.Tensor) and not a.is_pinned() else a
+        args = [a.pin_memory() if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_pinned() else a
                 for a in index_tensors_and_shape]
         if self._staged is not None:
             self._staged.synchronize()

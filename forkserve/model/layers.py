@@ -5,7 +5,6 @@ on a CUDA device with Triton, the fused kernels of forkserve/kernels/fused.py do
 """
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType
 from typing import Any
@@ -13,19 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-
-@functools.cache
-def _fused_kernels() -> ModuleType | None:
-    try:
-        from forkserve.kernels import fused
-    except ImportError:  # no Triton (CPU installs)
-        return None
-    return fused
+from forkserve.kernels import gpu_kernels
 
 
 def fused_kernels_for(x: torch.Tensor) -> ModuleType | None:
-    """The Triton kernels when `x` lives on a CUDA device and Triton is installed, else None."""
-    return _fused_kernels() if x.is_cuda else None
+    """The fused decoder kernels when `x` lives on a CUDA device and Triton is installed, else None."""
+    return gpu_kernels("fused", x)
 
 
 class RMSNorm(nn.Module):
