@@ -117,3 +117,15 @@ def test_widths_are_validated(model_dir: str) -> None:
     with pytest.raises(ValueError, match="max_n"):
         LLM(model_dir, device="cpu", max_n=0)
     assert not llm.engine.scheduler.has_work()
+
+
+def test_admission_reserves_every_sample_so_prompts_prefill_once(model_dir: str) -> None:
+    """A pool that holds about two requests' samples at a time: the others wait, none is preempted."""
+    params = SamplingParams(n=4, seed=1, temperature=1.0, max_tokens=16, ignore_eos=True)
+    llm = cpu_llm(model_dir, num_gpu_blocks_override=2 * (3 + 4 * (16 // PAGE + 1)) + 2, max_model_len=40)
+    prompts = [_prompt(llm, 10, seed=s) for s in range(6)]
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(c.token_ids) == 16 for o in out for c in o.outputs)
+    stats = llm.engine.stats()
+    assert stats["preemptions"] == 0
+    assert stats["prefill_tokens_computed"] == 6 * 10

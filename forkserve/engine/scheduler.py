@@ -118,9 +118,13 @@ class Scheduler:
         if max_tokens is None:
             return 0
         # The last token's KV is never computed: it is sampled, then the sequence ends.
+        page = self.tree.page_size
         final = min(seq.num_prompt_tokens + max_tokens, self.max_model_len) - 1
         held = len(seq.kv.path_pages) + len(seq.kv.own_pages)
-        return max(0, -(-final // self.tree.page_size) - held)
+        # Samples it forks into at its first draw share its prompt's full pages; each needs a copy
+        # of the partial last page and its own output pages.
+        forks = len(seq.request.pending_forks(seq)) * (-(-(final - seq.num_prompt_tokens) // page) + 1)
+        return max(0, -(-final // page) - held) + forks
 
     def _admit(self, batch: list[ScheduledSeq], budget: int) -> None:
         committed: int | None = None  # pages the running sequences may still need, counted when first needed
