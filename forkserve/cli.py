@@ -81,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="default: WARNING (INFO for run-batch and serve)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from forkserve.model.tiny import FAMILIES
+
     tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint with a real tokenizer")
     tiny.add_argument("dir")
-    tiny.add_argument("--family", default="llama", choices=["llama", "qwen2", "qwen3"])
+    tiny.add_argument("--family", default="llama", choices=FAMILIES)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
 

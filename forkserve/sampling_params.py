@@ -77,6 +77,13 @@ class SamplingParams:
 
     clone = replace
 
+    def check(self, label: str) -> None:
+        """Validate again, naming the request: fields may have been set since construction."""
+        try:
+            self._validate()
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
+
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_TEMPERATURE

@@ -1,8 +1,11 @@
-"""`forkserve run-batch` on CPU: result lines, per-line errors, duplicate refusal, and resuming
-after kill -9 at several points (a real subprocess) with every custom_id answered exactly once."""
+"""`forkserve run-batch` on CPU: result lines, per-line errors, duplicate refusal, resuming after
+kill -9 at several points (a real subprocess) with every custom_id answered exactly once, and the
+progress bar and summary."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +16,9 @@ import pytest
 
 from forkserve import LLM, SamplingParams
 from forkserve.cli import main
-from forkserve.entrypoints.batch_runner import recover_output
+from forkserve.config import EngineConfig
+from forkserve.engine.engine import Engine
+from forkserve.entrypoints.batch_runner import BatchRunner, recover_output
 
 SYSTEM = "You are a helpful assistant. Answer briefly and clearly. " * 3
 QUESTIONS = ["what is the capital of France?", "how many days are in a week?", "why is the sky blue?",
@@ -200,3 +205,26 @@ def test_kill_9_then_resume(model_dir: str, tmp_path: Path) -> None:
     assert progress[0][1] == 0 and progress[0][2] == -signal.SIGKILL
     assert all(rc == -signal.SIGKILL for _, _, rc in progress), progress
     assert 5 <= progress[1][1] < total and progress[1][1] <= progress[2][1] < total, progress
+
+
+def test_progress_bar_and_summary(model_dir: str, tmp_path: Path, capsys, caplog) -> None:
+    """The bar counts requests (answered ones from a previous run included) and shows tokens/s and
+    prefix reuse; the closing summary names what succeeded, failed and was skipped."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join([chat(f"c{i}", q, max_tokens=4) for i, q in enumerate(QUESTIONS)]
+                             + [completion("bad", "x", top_p=2)]) + "\n")
+    out.write_text(json.dumps({"id": "batch_req_0", "custom_id": "c0", "response": None,
+                               "error": {"code": "x", "message": "from an earlier run"}}) + "\n")
+    runner = BatchRunner(inp, out)
+    engine = Engine(EngineConfig.from_kwargs(model_dir, device="cpu", dtype="float32", max_num_seqs=2,
+                                             num_gpu_blocks_override=512))
+    with caplog.at_level(logging.INFO, logger="forkserve"):
+        summary = runner.run(engine, ["tiny"], use_tqdm=True)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert re.search(r"run-batch: 100%.* 7/7 ", bar), bar
+    shown = re.search(r"(\d+) tok/s, prefix reuse (\d+)%", bar)
+    assert shown and int(shown[1]) > 0
+    assert (summary.skipped, summary.succeeded, summary.failed, summary.generated_tokens) == (1, 5, 1, 20)
+    assert summary.prefix_reuse > 0.3 and int(shown[2]) == round(100 * summary.prefix_reuse)
+    assert f"7 requests: 5 succeeded, 1 failed, 1 already in {out}" in caplog.text
+    assert f"({summary.prefix_reuse:.1%} from the prefix cache), 20 generated tokens" in caplog.text

@@ -19,6 +19,8 @@ CASES = [  # beam_width, max_tokens, length_penalty, early_stopping
     (2, 9, 2.0, "never"),
     (5, 8, -0.5, False),
     (3, 24, 1.0, False),  # long enough for HF's early-stop heuristic to end the search
+    (3, 12, 1.0, True),  # differs from the first case: True stops as soon as 3 hypotheses are done
+    (4, 12, 1.0, "never"),  # differs from False on qwen2: the bound uses max_tokens, so it searches on
 ]
 
 
@@ -48,14 +50,15 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 
 def _check(llm: LLM, model_dir: str, outputs: list[BeamSearchOutput], prompts: list[list[int]],
-           case: tuple) -> int:
+           params: BeamSearchParams) -> int:
     """Compare with HF; returns how many hypotheses ended with EOS (so the test knows it exercised that)."""
-    width, max_tokens, length_penalty, early_stopping = case
-    eos = sorted(llm.engine.stop_token_ids)
+    width = params.beam_width
+    eos = [] if params.ignore_eos else sorted(llm.engine.stop_token_ids)  # HF with no EOS: ignore_eos
     ended = 0
     for prompt, output in zip(prompts, outputs):
         assert len(output.sequences) == width
-        ref = hf_beam_search(model_dir, prompt, width, max_tokens, length_penalty, early_stopping, eos)
+        ref = hf_beam_search(model_dir, prompt, width, params.max_tokens, params.length_penalty,
+                             params.early_stopping, eos)
         for hyp in output.sequences:
             assert hyp.tokens[:len(prompt)] == prompt
             assert hyp.text == llm.get_tokenizer().decode(hyp.tokens)
@@ -73,7 +76,7 @@ def test_beam_search_matches_hf(eos_model: str, case: tuple) -> None:
     params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, length_penalty=length_penalty,
                               early_stopping=early_stopping)
     outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
-    ended = _check(llm, eos_model, outputs, prompts, case)
+    ended = _check(llm, eos_model, outputs, prompts, params)
     if case == CASES[0]:
         assert ended > 0, "no hypothesis ended with EOS: the frequent-EOS checkpoint did not do its job"
     for hyp in outputs[0].sequences:
@@ -86,15 +89,14 @@ def test_beam_search_matches_hf(eos_model: str, case: tuple) -> None:
 
 
 def test_beam_search_on_a_tiny_pool(eos_model: str) -> None:
-    case = (4, 12, 1.0, False)
+    params = BeamSearchParams(beam_width=4, max_tokens=12)
     llm = cpu_llm(eos_model, num_gpu_blocks_override=12,
               max_model_len=40)
     prompts = _prompts(llm.engine.model_config.vocab_size)
-    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts],
-                              BeamSearchParams(beam_width=case[0], max_tokens=case[1]))
+    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
     assert llm.engine.scheduler.num_preemptions > 0 or llm.engine.stats()["prefill_tokens_computed"] > \
         sum(len(p) for p in prompts), "the pool was large enough: this test would not test anything"
-    _check(llm, eos_model, outputs, prompts, case)
+    _check(llm, eos_model, outputs, prompts, params)
     llm.engine.tree.check_invariants()
 
 
@@ -106,3 +108,14 @@ def test_beams_share_pages(eos_model: str) -> None:
                                                                      ignore_eos=True))
     # Shared prompt + per beam its own pages of history it does not share + one partial copy.
     assert llm.engine.stats()["peak_pages_in_use"] <= -(-len(prompt) // PAGE) + width * (-(-new // PAGE) + 1)
+
+
+def test_ignore_eos_matches_hf_without_eos(eos_model: str) -> None:
+    """ignore_eos: EOS tokens are ordinary tokens, so every hypothesis runs to max_tokens, as in HF's
+    search with no EOS token (on the frequent-EOS checkpoint, honouring EOS would end some early)."""
+    llm = cpu_llm(eos_model)
+    prompts = _prompts(llm.engine.model_config.vocab_size)
+    params = BeamSearchParams(beam_width=3, max_tokens=10, ignore_eos=True)
+    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+    assert _check(llm, eos_model, outputs, prompts, params) == 0
+    assert all(len(h.tokens) == len(p) + 10 for p, o in zip(prompts, outputs) for h in o.sequences)

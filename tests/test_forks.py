@@ -56,8 +56,11 @@ def test_best_of_keeps_the_n_most_likely(model_dir: str) -> None:
     llm = cpu_llm(model_dir)
     prompt = _prompt(llm, 9, seed=1)
     base = SamplingParams(seed=3, temperature=1.0, max_tokens=6, ignore_eos=True, logprobs=0)
-    every = llm.generate(prompt, base.replace(n=5), use_tqdm=False)[0].outputs
     best = llm.generate(prompt, base.replace(n=2, best_of=5), use_tqdm=False)[0].outputs
+    stats = llm.engine.stats()
+    # best_of forks like n: the prompt once, then 5 samples of which 2 are returned.
+    assert stats["prefill_tokens_computed"] == 9 and stats["decode_tokens"] == 5 * (6 - 1)
+    every = llm.generate(prompt, base.replace(n=5), use_tqdm=False)[0].outputs
     ranked = sorted(every, key=lambda c: -c.cumulative_logprob)[:2]
     assert [c.token_ids for c in best] == [c.token_ids for c in ranked]
     assert [c.index for c in best] == [0, 1]

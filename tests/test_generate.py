@@ -35,6 +35,7 @@ SETTINGS = {
 def test_greedy_matches_hf(tiny_model_factory, family: str, setting: str) -> None:
     model_dir = str(tiny_model_factory(family))
     llm = LLM(model_dir, device="cpu", dtype="float32", **SETTINGS[setting])
+    steps = record_steps(llm)
     vocab = llm.engine.model_config.vocab_size
     prompts = prompts_with_shared_prefix(vocab)
     # Two passes: the second finds the first's prompts cached (when reuse is on).
@@ -51,7 +52,28 @@ def test_greedy_matches_hf(tiny_model_factory, family: str, setting: str) -> Non
         assert cached > 0
     if setting == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
+    if setting == "chunked_prefill":
+        # The budget held, prompts were split across steps, and prefill chunks ran beside decodes.
+        assert max(sum(n for _, n, _ in step) for step in steps) <= 7
+        assert any(computed + n < prompt_len for step in steps for computed, n, prompt_len in step)
+        assert any(any(computed >= p for computed, _, p in step) and any(computed < p for computed, _, p in step)
+                   for step in steps)
     llm.engine.tree.check_invariants()
+
+
+def record_steps(llm: LLM) -> list[list[tuple[int, int, int]]]:
+    """Per scheduled step, (tokens computed before, new tokens, prompt length) of each sequence."""
+    steps: list[list[tuple[int, int, int]]] = []
+    schedule = llm.engine.scheduler.schedule
+
+    def recording_schedule() -> list:
+        batch = schedule()
+        steps.append([(item.seq.num_computed_tokens, item.num_new_tokens, item.seq.num_prompt_tokens)
+                      for item in batch])
+        return batch
+
+    llm.engine.scheduler.schedule = recording_schedule
+    return steps
 
 
 def test_seeded_sampling_is_batch_independent(tiny_model_factory) -> None:
@@ -109,6 +131,14 @@ def test_logprobs_min_tokens_and_n(tiny_model_factory) -> None:
         assert completion.token_ids == single[0].outputs[0].token_ids
 
 
+def changed_after_construction(**changes: object) -> SamplingParams:
+    """Valid params with fields set afterwards (the dataclass is mutable): generate must re-check them."""
+    params = SamplingParams(max_tokens=3)
+    for name, value in changes.items():
+        setattr(params, name, value)
+    return params
+
+
 @pytest.mark.parametrize("prompt, params, needle", [
     ("", SamplingParams(), "prompt is empty"),
     ({"prompt_token_ids": []}, SamplingParams(), "prompt is empty"),
@@ -117,6 +147,10 @@ def test_logprobs_min_tokens_and_n(tiny_model_factory) -> None:
     ({"prompt_token_ids": list(range(3, 300))}, SamplingParams(), "max_model_len"),
     ({"prompt_token_ids": [1, 2], "bogus": 1}, SamplingParams(), "bogus"),
     ({"prompt_token_ids": [1, 2]}, {"temperature": 0.5}, "SamplingParams"),
+    ({"prompt_token_ids": [1, 2]}, changed_after_construction(temperature=-1.0), "temperature"),
+    ({"prompt_token_ids": [1, 2]}, changed_after_construction(top_p=0.0), "top_p"),
+    ({"prompt_token_ids": [1, 2]}, changed_after_construction(n=0), "n must"),
+    ({"prompt_token_ids": [1, 2]}, changed_after_construction(max_tokens=0), "max_tokens"),
 ])
 def test_bad_request_names_the_request_and_runs_nothing(tiny_model_factory, prompt, params, needle) -> None:
     llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype="float32", max_model_len=256)
@@ -131,8 +165,16 @@ def test_bad_request_names_the_request_and_runs_nothing(tiny_model_factory, prom
     assert len(llm.generate(good, SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
+@pytest.mark.parametrize("conversation", [[], [{"role": "user"}], ["hi"]], ids=["empty", "no_content", "not_a_dict"])
+def test_bad_chat_names_the_conversation_and_runs_nothing(tiny_model_factory, conversation: list) -> None:
+    llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype="float32", num_gpu_blocks_override=256)
+    with pytest.raises(ValueError, match="conversation 1"):
+        llm.chat([[{"role": "user", "content": "hi"}], conversation], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.stats()["steps"] == 0
+
+
 @pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("n", 0), ("max_tokens", 0),
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("n", 0), ("max_tokens", 0), ("bogus", 1),
 ])
 def test_invalid_sampling_params_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):

@@ -188,6 +188,37 @@ def test_models_and_auth(served, client) -> None:
         wrong.completions.create(model=NAME, prompt="x", max_tokens=1)
 
 
+def test_metrics(served) -> None:
+    """Every gauge and counter the issue names, with HELP and TYPE, moving as requests run."""
+    before = metrics(served)
+    body = {"prompt": f"{SYSTEM} {SYSTEM} Question: what does paging do?", "max_tokens": 6, "ignore_eos": True}
+    for _ in range(2):  # the second finds the first's prompt pages cached
+        assert httpx.post(f"{served.url}/v1/completions", headers=AUTH, json=body, timeout=30).status_code == 200
+    text = httpx.get(f"{served.url}/metrics", headers=AUTH, timeout=10).text
+    after = metrics(served)
+    for name in ("requests_running", "requests_waiting", "generation_tokens_per_second", "prefix_cache_hit_rate",
+                 "kv_pages_in_use", "kv_pages_active", "kv_pages_total", "generation_tokens_total",
+                 "requests_aborted_total", "requests_rejected_total"):
+        assert f"# TYPE forkserve_{name} " in text and f"# HELP forkserve_{name} " in text, name
+    assert after["forkserve_requests_finished_total"] - before["forkserve_requests_finished_total"] == 2
+    assert after["forkserve_generation_tokens_total"] - before["forkserve_generation_tokens_total"] == 12
+    assert after["forkserve_generation_tokens_per_second"] > 0  # tokens were made in the last 10 seconds
+    hits = after["forkserve_prefix_cache_hit_tokens_total"] - before["forkserve_prefix_cache_hit_tokens_total"]
+    assert hits >= 16
+    assert after["forkserve_prefix_cache_hit_rate"] == pytest.approx(
+        after["forkserve_prefix_cache_hit_tokens_total"] / after["forkserve_prompt_tokens_total"], abs=1e-5)
+    assert after["forkserve_requests_running"] == after["forkserve_requests_waiting"] == 0
+    assert 0 < after["forkserve_kv_pages_in_use"] <= after["forkserve_kv_pages_total"]
+
+
+def test_serve_defaults_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkserve.cli import build_parser
+
+    monkeypatch.delenv("FORKSERVE_API_KEY", raising=False)
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+
+
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("path,body,param,status", [
     ("/v1/completions", b'{"prompt": "x", ', None, 400),
@@ -281,7 +312,8 @@ def test_bounded_load(served) -> None:
                 "stream": i % 2 == 0}
         r = await http.post(f"{served.url}/v1/completions", headers=AUTH, json=body)
         if r.status_code == 429:
-            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            error = r.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and f"--max-waiting, is {MAX_WAITING}" in error["message"]
         elif r.status_code == 200 and body["stream"]:
             assert r.text.rstrip().endswith("data: [DONE]")
         elif r.status_code == 200:
@@ -302,6 +334,41 @@ def test_bounded_load(served) -> None:
     assert after["forkserve_requests_rejected_total"] >= codes.count(429)
     ok = httpx.post(f"{served.url}/v1/completions", headers=AUTH, json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_arrivals_wait_longest_cached_prefix_first(model_dir) -> None:
+    """One running slot, held by a long stream; a fresh prompt arrives, then one whose prefix is
+    cached. When the slot frees, the cached one goes first (FIFO would run the fresh one first)."""
+    engine = Engine(EngineConfig.from_kwargs(model_dir, **{**ENGINE, "max_num_seqs": 1}, num_gpu_blocks_override=512))
+    loop = EngineLoop(engine)
+    cached = f"{SYSTEM} {SYSTEM} Question:"
+    finished: list[str] = []
+
+    async def scenario(url: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def one(name: str, prompt: str) -> None:
+                r = await http.post(url, json={"prompt": prompt, "max_tokens": 4, "ignore_eos": True})
+                assert r.status_code == 200
+                finished.append(name)
+
+            await one("warm-up", f"{cached} what is paging?")
+            hold = {"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+            async with http.stream("POST", url, json=hold) as holding:
+                lines = holding.aiter_lines()  # held: a dropped iterator closes the connection
+                async for line in lines:
+                    if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                        break  # it runs, in the only slot
+                tasks = [asyncio.create_task(one("fresh", "The weather today is mild"))]
+                while loop.num_waiting < 1:
+                    await asyncio.sleep(0.01)
+                tasks.append(asyncio.create_task(one("cached", f"{cached} what is a tree?")))
+                while loop.num_waiting < 2:
+                    await asyncio.sleep(0.01)
+            await asyncio.gather(*tasks)  # leaving the stream aborted the holder
+
+    with ServerThread(build_app(loop, [NAME])) as server:
+        asyncio.run(asyncio.wait_for(scenario(f"{server.url}/v1/completions"), timeout=60))
+    assert finished == ["warm-up", "cached", "fresh"]
 
 
 def test_engine_failure_is_reported(model_dir) -> None:

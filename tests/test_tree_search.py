@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -12,6 +13,7 @@ from forkserve.search.tree import Node
 
 QUESTIONS = ["Q: what is two plus two? A:", "Q: name a colour. A:", "Q: is the sky green? A:"]
 PARAMS = SamplingParams(temperature=1.0, seed=100, max_tokens=8)
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "tree_search.md"
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,48 @@ def test_step_beam_search_with_a_scoring_callback(model_dir: str) -> None:
     llm.engine.tree.check_invariants()
 
 
+def docs_example(title: str) -> str:
+    """The first python block under a heading of docs/tree_search.md."""
+    section = DOCS.read_text().split(f"### {title}", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_worked_examples_run_as_written(model_dir: str) -> None:
+    """The docs' two examples, run as written, give what this file's copies give (so they cannot drift)."""
+    params = PARAMS.replace(max_tokens=4)
+    first: dict = {}
+    exec(docs_example("Worked example 1"), first)
+    assert first["self_consistency"](cpu_llm(model_dir), QUESTIONS, 3, params) == \
+        self_consistency(cpu_llm(model_dir), QUESTIONS, 3, params)
+    llm = cpu_llm(model_dir)
+    second: dict = {"llm": llm, "params": params}
+    exec(docs_example("Worked example 2"), second)  # ends with the docs' own call, on llm
+    assert [len(frontier) for frontier in second["best"]] == [2, 2]
+    args = (QUESTIONS[:2], params, lambda n: n.cumulative_logprob, 3, 2, 2, " ")
+    ours = step_beam_search(cpu_llm(model_dir), *args)
+    theirs = second["step_beam_search"](cpu_llm(model_dir), *args)
+    assert [[n.token_ids for n in f] for f in theirs] == [[n.token_ids for n in f] for f in ours]
+
+
+def test_fork_with_its_own_params(model_dir: str) -> None:
+    """params given to fork replace the root's for that fork and its descendants' default."""
+    llm = cpu_llm(model_dir)
+    root = llm.start(QUESTIONS[2], PARAMS)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    [child] = root.fork(1, greedy)
+    sampled = root.fork(2)
+    [grandchild] = child.fork(1)
+    llm.advance()
+    assert child.step_token_ids == llm.generate(QUESTIONS[2], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert child.text == llm.get_tokenizer().decode(child.token_ids, skip_special_tokens=True)
+    again = llm.generate({"prompt_token_ids": child.seq.token_ids}, greedy, use_tqdm=False)[0].outputs[0]
+    assert grandchild.step_token_ids == again.token_ids
+    reference = llm.generate(QUESTIONS[2], PARAMS.replace(n=2), use_tqdm=False)[0]
+    assert [n.step_token_ids for n in sampled] == [c.token_ids for c in reference.outputs]
+    with pytest.raises(ValueError, match="fork: sampling params must be SamplingParams"):
+        root.fork(2, {"temperature": 0.0})
+
+
 def test_release_frees_a_branch_at_once(model_dir: str) -> None:
     llm = cpu_llm(model_dir)
     root = llm.start(QUESTIONS[0], SamplingParams(temperature=1.0, seed=1, max_tokens=9, ignore_eos=True))
@@ -118,6 +162,18 @@ def test_release_frees_a_branch_at_once(model_dir: str) -> None:
     with pytest.raises(ValueError, match="k must be"):
         children[2].fork(0)
     check_tree(llm)
+
+
+def test_a_terminal_node_cannot_be_forked(model_dir: str) -> None:
+    """A node at max_model_len has nothing left to generate: forking it is an error, not a hang."""
+    llm = cpu_llm(model_dir, max_model_len=24)
+    root = llm.start(QUESTIONS[0], SamplingParams(temperature=1.0, seed=0, max_tokens=64, ignore_eos=True))
+    [leaf] = root.fork(1)
+    assert leaf.is_terminal and len(leaf.seq.token_ids) == 24
+    with pytest.raises(ValueError, match="cannot be continued"):
+        leaf.fork(2)
+    leaf.release()
+    assert llm.engine.pages_in_use == 0
 
 
 def test_fork_width_is_capped(model_dir: str) -> None:

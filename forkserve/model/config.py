@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+# rope type -> the keys its parameters must hold (forkserve/model/layers.py computes each as HF does)
+ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,8 +63,19 @@ class ModelConfig:
         rope_type = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"unsupported rope scaling type {rope_type!r}: forkserve supports {SUPPORTED_ROPE_TYPES}")
+        missing = [key for key in ROPE_KEYS[rope_type] if (rope or {}).get(key) is None]
+        if missing:
+            raise ValueError(f"rope scaling type {rope_type!r} needs {', '.join(missing)} in config.json")
         eos = d.get("eos_token_id")
         use_sliding = d.get("use_sliding_window", arch == "MistralForCausalLM")
+        sliding_window = d.get("sliding_window") if use_sliding else None
+        max_positions = d.get("max_position_embeddings", 4096)
+        if sliding_window is not None and sliding_window < max_positions:
+            # Attention here is over the whole context, which equals HF's windowed attention only
+            # while a sequence fits in the window: serve at most that many tokens.
+            logger.warning("sliding_window %d < max_position_embeddings %d: forkserve attends over the whole "
+                           "context, so it serves at most %d tokens", sliding_window, max_positions, sliding_window)
+            max_positions = sliding_window
         return cls(
             architecture=arch,
             vocab_size=d["vocab_size"],
@@ -66,11 +88,11 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=dict(rope, rope_type=rope_type) if rope_type != "default" else None,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=d.get("sliding_window") if use_sliding else None,
+            sliding_window=sliding_window,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -44,7 +44,7 @@ _INIT_STD = 0.15  # larger than HF's 0.02 so that greedy top-2 logits are rarely
 
 
 def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(_DIMS, head_dim=head_dim, vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                   initializer_range=_INIT_STD, torch_dtype="float32")
@@ -53,6 +53,9 @@ def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int):
                 "original_max_position_embeddings": 256, "rope_theta": 500000.0}
         return LlamaConfig(**common, rope_theta=500000.0, rope_scaling=rope, tie_word_embeddings=False,
                            architectures=["LlamaForCausalLM"])
+    if family == "mistral":  # as Mistral 7B v0.2 on: no sliding window
+        return MistralConfig(**common, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+                             architectures=["MistralForCausalLM"])
     if family == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
                            architectures=["Qwen2ForCausalLM"])
