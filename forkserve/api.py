@@ -88,7 +88,7 @@ class LLM:
 
     def start(self, prompt: PromptType, params: SamplingParams | None = None) -> Node:
         """The root of a search tree (see `forkserve.search.tree`); `params` are its forks' default."""
-        params = self.engine.check_params(SamplingParams() if params is None else params, "start")
+        params = self._check_params(SamplingParams() if params is None else params, "start")
         return self._tree_search.start(self.engine.make_prompt(prompt, "start"), params)
 
     def advance(self, nodes: Sequence[Node] | None = None) -> None:
@@ -109,7 +109,7 @@ class LLM:
                 for output in engine.step():
                     results[output.request_id] = output
                     bar.update(1)
-        logger.info("%s", describe(batch_summary(before, engine.stats())))
+        logger.info("%s", describe(batch_summary(before, engine.stats(), engine.pages_in_use_series())))
         return [results[i] for i in ids]
 
     def _params_per_request(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
@@ -122,4 +122,10 @@ class LLM:
             params = list(sampling_params)
             if len(params) != count:
                 raise ValueError(f"got {len(params)} sampling params for {count} prompts: give one, or one per prompt")
-        return [self.engine.check_params(p, f"request {i}") for i, p in enumerate(params)]
+        return [self._check_params(p, f"request {i}") for i, p in enumerate(params)]
+
+    def _check_params(self, params: object, label: str) -> SamplingParams:
+        """The engine's checks, after validating the fields again (a caller may have set one since)."""
+        if isinstance(params, SamplingParams):
+            params.check(label)
+        return self.engine.check_params(params, label)

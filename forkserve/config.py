@@ -67,9 +67,11 @@ class EngineConfig:
     max_n: int = 1024  # cap on n, best_of, beam_width and tree-search fork widths (each is a sequence)
     attention_backend: str = "auto"  # auto: flashinfer on CUDA, reference elsewhere
     enforce_eager: bool = False  # no CUDA graphs
+    # shared-prefix (cascade) attention: sharing among a step's sequences read once per group
+    disable_cascade_attn: bool = False
     # queue step k+1 before reading step k's tokens, so host work overlaps the GPU (vLLM's
-    # --async-scheduling); steps of requests that need their tokens on the host at once (n > 1,
-    # penalties, beam and tree search) still run one at a time
+    # --async-scheduling); a step whose draws feed a host decision (the first draw of n > 1, which
+    # forks; penalties; beam and tree search) still waits for the previous step's tokens
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:

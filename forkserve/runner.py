@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata
+from forkserve.attention.cascade import CascadeRule, plan_cascade
 from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.engine.pages import KVCache
 from forkserve.engine.scheduler import ScheduledSeq
@@ -19,13 +20,15 @@ from forkserve.transfer import to_device
 PLACEHOLDER = -1  # token id of a draw still on the GPU; the next step reads it from there
 
 
-def build_metadata(batch: list[ScheduledSeq], page_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+def build_metadata(batch: list[ScheduledSeq], kv_cache: KVCache, device: torch.device,
+                   cascade: CascadeRule | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Flat input ids and positions of the step's new tokens, plus where their KV lives.
 
     The only per-sequence Python work is slicing C arrays; everything per token is numpy, and
-    ids, positions and slots reach the device in one copy.
+    ids, positions and slots reach the device in one copy. With a cascade rule, the sharing
+    among the batch's tree paths that the rule finds worth it becomes the step's cascade plan.
     """
-    num_seqs = len(batch)
+    num_seqs, page_size = len(batch), kv_cache.page_size
     input_ids: list[int] = []
     kv_indices = array("i")
     kv_indptr = np.zeros(num_seqs + 1, dtype=np.int32)
@@ -56,6 +59,10 @@ def build_metadata(batch: list[ScheduledSeq], page_size: int, device: torch.devi
         slot_mapping=on_device[2],
         page_size=page_size,
     )
+    if cascade is not None and num_seqs > 1:
+        paths = [item.seq.kv.node.path() if item.path is None else item.path for item in batch]
+        meta.cascade = plan_cascade(paths, kv_indptr, pages, query_start, page_size, kv_cache.scratch_page, device,
+                                    cascade)
     return on_device[0], on_device[1], meta
 
 
@@ -74,13 +81,20 @@ class ModelRunner:
     """Owns the model, the KV tensors and the attention backend for one device."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: AttentionBackend,
-                 sampler: ForkingSampler, device: torch.device, graphs: DecodeGraphs | None = None) -> None:
+                 sampler: ForkingSampler, device: torch.device, graphs: DecodeGraphs | None = None,
+                 cascade: CascadeRule | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.sampler = sampler
         self.device = device
         self.graphs = graphs
+        self.cascade = cascade
+        # KV pages one layer's attention read, summed over steps, and what plain attention would
+        # have read (each sequence its whole page table): the cascade's saving, for stats.
+        self.kv_pages_read = 0
+        self.kv_pages_listed = 0
+        self.cascade_steps = 0
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], draws: list[DrawRequest]) -> StepDraws | None:
@@ -102,7 +116,8 @@ class ModelRunner:
 
     def _forward(self, batch: list[ScheduledSeq], previous: LaunchedStep | None) -> torch.Tensor | None:
         """Logits at the last token of each sampling sequence (None if none samples)."""
-        input_ids, positions, meta = build_metadata(batch, self.kv_cache.page_size, self.device)
+        input_ids, positions, meta = build_metadata(batch, self.kv_cache, self.device, self.cascade)
+        self._count_kv_reads(meta)
         query_ends = meta.query_start.tolist()[1:]
         pending = [(query_ends[b] - 1, item.seq.pending_row) for b, item in enumerate(batch)
                    if item.seq.token_ids[-1] == PLACEHOLDER]
@@ -126,3 +141,12 @@ class ModelRunner:
         if len(last) < hidden.shape[0]:
             hidden = hidden[to_device(last, self.device, torch.long)]
         return self.model.compute_logits(hidden)
+
+    def _count_kv_reads(self, meta: AttentionMetadata) -> None:
+        listed = meta.kv_indices.shape[0]
+        self.kv_pages_listed += listed
+        if meta.cascade is None:
+            self.kv_pages_read += listed
+        else:
+            self.kv_pages_read += meta.cascade.pages_read
+            self.cascade_steps += 1

@@ -1,37 +1,54 @@
 #!/usr/bin/env bash
-# The GPU check, run on the device machine from the repo root:
-#   bash scripts/device_check.sh [WORKLOADS] [ENGINE] [PROFILE_BATCHES] [PROFILE_CONTEXTS]
-# GPU tests, then the bench, then (if PROFILE_BATCHES is given) the decode step breakdown.
+# The GPU check, run on the device machine from the repo root, as one call:
+#   bash scripts/device_check.sh STEP...
+# STEP is one of:
+#   tests[:EXPR]                   the GPU test suite (tests/test_gpu.py), or its tests matching pytest -k EXPR
+#   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the Llama-3.1-8B shape
+#   profile:ARGS                   python -m forkserve.bench.profile .shared/llama-3.1-8b ARGS (ARGS space-separated)
+# e.g. bash scripts/device_check.sh tests "profile:--batch 1024 --context 2100 --shared 2000 --cascade on,off" \
+#        bench:nosharing,sharedprefix,samples:both
 # Needs (carried, ignored): .wheels/ (flashinfer-python + its missing deps), .shared/ (a copy of
-# ../shared/bench), and optionally .fi-cache/ (FlashInfer JIT output from an earlier run).
-# vLLM runs only where /tmp/vsite holds it (see ../shared/device/README.md).
-set -euo pipefail
-workloads=${1:-nosharing,sharedprefix,samples}
-engine=${2:-forkserve}
-profile_batches=${3:-}
-profile_contexts=${4:-1024}
+# ../shared/bench), and optionally .fi-cache/ (FlashInfer + Triton JIT output from an earlier run,
+# saved again under $OUT at the end). vLLM runs only where /tmp/vsite holds it (../shared/device/README.md).
+set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export FLASHINFER_WORKSPACE_BASE=/tmp/fibase
 export TRITON_CACHE_DIR=/tmp/fibase/.cache/triton  # saved with FlashInfer's JIT output
 mkdir -p /tmp/fibase/.cache
-if [ -f .fi-cache/flashinfer.tar.xz.00 ]; then cat .fi-cache/flashinfer.tar.xz.* | xz -d | tar -xf - -C /tmp/fibase/.cache; fi
-nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
+if [ -f .fi-cache/flashinfer.tar.xz.00 ] && [ ! -d /tmp/fibase/.cache/flashinfer ]; then
+    # Ninja rebuilds a kernel whose sources look newer than its outputs, and the wheels were just
+    # installed: date them back, and keep the cached outputs' own times (which its deps log records).
+    find /tmp/site -exec touch -h -d 2000-01-01 {} +
+    cat .fi-cache/flashinfer.tar.xz.* | xz -d | tar -xf - -C /tmp/fibase/.cache
+fi
+[ -d /tmp/vsite ] && export FORKSERVE_VLLM_PATH=/tmp/vsite
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 save_jit_cache() {
-    tar -cf - -C /tmp/fibase/.cache flashinfer $(cd /tmp/fibase/.cache && ls -d triton 2>/dev/null) | xz -T8 -1 | split -b 15M -d - "$out/flashinfer.tar.xz."
+    tar -cf - -C /tmp/fibase/.cache flashinfer $(cd /tmp/fibase/.cache && ls -d triton 2>/dev/null) \
+        | xz -T8 -1 | split -b 15M -d - "$out/flashinfer.tar.xz."
 }
 trap save_jit_cache EXIT
-if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
-    python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_gpu.py 2>&1 | tail -22 || true
-fi
-if [ -d /tmp/vsite ] && [ "$engine" != forkserve ]; then
-    export FORKSERVE_VLLM_PATH=/tmp/vsite
-fi
-timeout "${BENCH_TIMEOUT:-540}" python3 -m forkserve bench --model-config .shared/llama-3.1-8b --engine "$engine" --workloads "$workloads" \
-    --out "$out" --engine-args '{"max_num_seqs": 1024, "max_num_batched_tokens": 16384}' || true
-if [ -n "$profile_batches" ]; then
-    python3 -m forkserve.bench.profile .shared/llama-3.1-8b --batch "$profile_batches" --context "$profile_contexts" \
-        --out "$out/profile.json"
-fi
+for step in "$@"; do
+    echo "=== $step"
+    case "$step" in
+        tests|tests:*)
+            select=${step#tests}
+            python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_gpu.py ${select:+-k "${select#:}"} 2>&1 \
+                | tail -25 ;;
+        bench:*)
+            IFS=: read -r _ workloads engine <<< "$step"
+            timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench --model-config .shared/llama-3.1-8b \
+                --engine "${engine:-forkserve}" --workloads "$workloads" --out "$out" \
+                --engine-args '{"max_num_seqs": 1024, "max_num_batched_tokens": 16384}' 2>&1 \
+                | grep -v " INFO " | tee -a "$out/bench.log" ;;
+        profile:*)
+            # shellcheck disable=SC2086
+            timeout "${PROFILE_TIMEOUT:-300}" python3 -m forkserve.bench.profile .shared/llama-3.1-8b ${step#profile:} \
+                --out "$out/profile-$(date +%s).json" 2>&1 | grep -vE " INFO |UserWarning|_warn_once" ;;
+        *)
+            echo "unknown step $step" ;;
+    esac
+done

@@ -52,11 +52,20 @@ def test_async_scheduling_matches_sync(tiny_model_factory, monkeypatch: pytest.M
     assert any(o.outputs[0].finish_reason == "stop" for o in outputs[True])
 
 
-def test_async_scheduling_falls_back_for_forks(tiny_model_factory) -> None:
-    """n > 1 forks at the first draw, which needs the tokens on the host: those steps run in sync."""
+def test_forked_samples_run_ahead(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """n > 1 forks at the first draw, which needs the tokens on the host: that step runs in sync.
+    The forked samples then run ahead like any sequence, drawing the same tokens."""
     model = str(tiny_model_factory("llama"))
     params = SamplingParams(temperature=1.0, seed=3, n=3, max_tokens=6, ignore_eos=True)
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": [9, 8, 7]}]
+    launched: list[int] = []
+    resolve = Engine._resolve
+
+    def counting_resolve(self: Engine, step):  # noqa: ANN001
+        launched.append(len(step.seqs))
+        return resolve(self, step)
+
+    monkeypatch.setattr(Engine, "_resolve", counting_resolve)
     outs = []
     for async_scheduling in (False, True):
         llm = cpu_llm(model, async_scheduling=async_scheduling)
@@ -64,3 +73,4 @@ def test_async_scheduling_falls_back_for_forks(tiny_model_factory) -> None:
         assert llm.engine._in_flight is None
     assert outs[0] == outs[1]
     assert all(len(tokens) == 6 for request in outs[1] for tokens in request)
+    assert launched and max(launched) == 6, f"forked samples never ran ahead: {launched}"

@@ -1,13 +1,16 @@
 """GPU path against the reference path (run on the device machine; skipped on CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
+from attention_steps import shared_prefix_step, step_metadata
 from forkserve import LLM, SamplingParams
 from forkserve.attention.base import AttentionMetadata
+from forkserve.attention.cascade import CascadeRule, plan_cascade
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.engine.pages import KVCache
 
@@ -20,17 +23,11 @@ def random_step(query_lens: list[int], context_lens: list[int], page_size: int, 
                 device: torch.device) -> AttentionMetadata:
     """A step over random, non-overlapping pages: sequence b adds query_lens[b] tokens at its end."""
     pages = random.sample(range(num_pages), sum(-(-c // page_size) for c in context_lens))
-    kv_indptr, slots, starts = [0], [], [0]
-    for q, c in zip(query_lens, context_lens):
-        own = pages[kv_indptr[-1]:kv_indptr[-1] + -(-c // page_size)]
-        kv_indptr.append(kv_indptr[-1] + len(own))
-        slots += [own[p // page_size] * page_size + p % page_size for p in range(c - q, c)]
-        starts.append(starts[-1] + q)
-    return AttentionMetadata(
-        query_start=torch.tensor(starts, dtype=torch.int32), kv_indptr=torch.tensor(kv_indptr, dtype=torch.int32),
-        kv_indices=torch.tensor(pages, dtype=torch.int32),
-        kv_last_page_len=torch.tensor([(c - 1) % page_size + 1 for c in context_lens], dtype=torch.int32),
-        context_lens=list(context_lens), slot_mapping=torch.tensor(slots, device=device), page_size=page_size)
+    tables, used = [], 0
+    for c in context_lens:
+        tables.append(pages[used:used + -(-c // page_size)])
+        used += len(tables[-1])
+    return step_metadata(tables, context_lens, query_lens, page_size, device)
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -64,6 +61,38 @@ def test_flashinfer_matches_reference(decode: bool) -> None:
         rel = relative_error(got, expected)
         assert rel < 1e-2, f"layer {layer}: relative error {rel:.2e}"
     assert torch.equal(cache_fi.k, cache_ref.k) and torch.equal(cache_fi.v, cache_ref.v)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_flashinfer_cascade_matches_plain_reference(decode: bool) -> None:
+    """Random trees 1-4 deep in bf16: FlashInfer's levels + merge_state equal plain attention."""
+    from forkserve.attention.flashinfer import FlashInferBackend
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    hq, hkv, d, ps, num_pages = 32, 8, 128, 16, 4096
+    fi = FlashInferBackend(hq, hkv, d, dtype, device)
+    levels_seen = 0
+    for _ in range(6):
+        rng = random.Random(random.randrange(1 << 30))
+        meta, paths = shared_prefix_step(rng, rng.randint(1, 4), fanout=3, copies=5, max_run_pages=12, max_tail=70,
+                                         decode=decode, page_size=ps, num_pages=num_pages, device=device,
+                                         sort=rng.random() < 0.5)
+        plan = plan_cascade(paths, meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(), ps,
+                            num_pages, device, CascadeRule(1, 1, max_levels=4))
+        if plan is None:
+            continue
+        levels_seen += len(plan.levels)
+        cache = KVCache(num_pages, ps, 1, hkv, d, dtype, device)
+        cache.k.normal_()
+        cache.v.normal_()
+        q, k, v = (torch.randn(meta.num_tokens, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
+        expected = ReferenceBackend().forward(0, q, k, v, cache, meta)
+        cascaded = dataclasses.replace(meta, cascade=plan)
+        fi.prepare(cascaded, cache)
+        got = fi.forward(0, q, k, v, cache, cascaded)
+        rel = relative_error(got, expected)
+        assert rel < 1e-2, f"{len(plan.levels)} levels: relative error {rel:.2e}"
+    assert levels_seen > 0, "no random tree had sharing"
 
 
 def test_fused_kernels_match_reference_layers() -> None:
@@ -125,20 +154,38 @@ def test_one_pass_sampler_kernel() -> None:
 NEAR_TIE = 2e-2  # fp16 logits: closer top-2 candidates may legitimately swap between kernels
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str) -> None:
-    """Same greedy tokens through FlashInfer + CUDA graphs as through the reference backend (fp16).
+@pytest.mark.parametrize("family,cascade", [("llama", False), ("qwen3", False), ("llama", True)])
+def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, cascade: bool) -> None:
+    """Same greedy tokens through FlashInfer + CUDA graphs (+ cascade levels, forced on prompts
+    sharing a system prompt) as through the reference backend with plain attention (fp16).
 
     A sequence is compared up to the first step where the reference's two best logprobs are
     within NEAR_TIE (a tie either path may break either way); every sequence must agree that far.
     """
     model = str(tiny_model_factory(family, head_dim=64))  # FlashInfer needs head_dim >= 64
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(3, 700) for _ in range(rng.randint(5, 200))]} for _ in range(12)]
+    system = [rng.randrange(3, 700) for _ in range(150 if cascade else 0)]
+    prompts = [{"prompt_token_ids": system + [rng.randrange(3, 700) for _ in range(rng.randint(5, 200))]}
+               for _ in range(12)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
     common = dict(device="cuda", dtype="float16", max_model_len=512, num_gpu_blocks_override=512, max_num_seqs=16)
-    fast = LLM(model, **common).generate(prompts, params, use_tqdm=False)
-    ref = LLM(model, attention_backend="reference", enforce_eager=True, **common).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model, **common)
+    graphs = llm.engine.runner.graphs
+    replayed_levels: list[int] = []
+    replay = graphs.run
+
+    def recording_replay(input_ids, positions, meta):  # noqa: ANN001
+        replayed_levels.append(len(meta.cascade.levels) if meta.cascade is not None else 0)
+        return replay(input_ids, positions, meta)
+
+    graphs.run = recording_replay
+    if cascade:
+        llm.engine.runner.cascade = CascadeRule(1, 1)  # tiny prompts are far below the real rule
+    fast = llm.generate(prompts, params, use_tqdm=False)
+    assert (llm.engine.stats()["cascade_steps"] > 0) == cascade
+    assert (max(replayed_levels) > 0) == cascade, "decode steps with shared levels never replayed a graph"
+    ref = LLM(model, attention_backend="reference", enforce_eager=True, disable_cascade_attn=True,
+              **common).generate(prompts, params, use_tqdm=False)
     compared = 0
     for a, b in zip(fast, ref):
         steps = b.outputs[0].logprobs

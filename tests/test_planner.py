@@ -7,6 +7,7 @@ made up, KV bookkeeping is real), so they can count pages and steps exactly.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from forkserve.engine.pages import PagePool
 from forkserve.entrypoints.batch_runner import BatchRunner
 from forkserve.engine.planner import Planner
 from forkserve.engine.scheduler import Scheduler
+from forkserve.engine.summary import batch_summary
 from forkserve.engine.sequence import Request, Sequence
 from forkserve.engine.tree import PrefixTree
 
@@ -144,6 +146,38 @@ def test_run_batch_file_is_planned_as_one_batch(model_dir: str, tmp_path: Path) 
     assert stats["prefill_tokens_computed"] <= stats["unique_prompt_tokens"] + len(questions) * 4
 
 
+def test_batch_summary_counts_that_batch_and_is_logged(model_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The end-of-batch summary (LLM's log line, the bench's stats) has the issue's fields, counted
+    over that batch alone: an earlier batch on the same engine must not leak into it."""
+    llm = LLM(model_dir, **ENGINE)
+    llm.generate([{"prompt_token_ids": [4 + i] * 30} for i in range(3)], SamplingParams(max_tokens=2), use_tqdm=False)
+    prompts, params = grouped_batch(random.Random(2), groups=2, per_group=3, prefix_len=64)
+    before = llm.engine.stats()
+    with caplog.at_level(logging.INFO, logger="forkserve.api"):
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    summary = batch_summary(before, llm.engine.stats())
+    total, unique = sum(map(len, prompts)), trie_size(prompts)
+    computed = summary["prefill_tokens_computed"]
+    assert summary["prompt_tokens"] == total and summary["unique_prompt_tokens"] == unique
+    assert unique <= computed <= 1.05 * unique
+    assert summary["prefix_reuse"] == round(1 - computed / total, 4) > 0.5
+    assert 0 < summary["peak_pages_in_use"] <= summary["kv_pages"]
+    assert (f"batch summary: {total} prompt tokens, {unique} unique, {computed} prefill tokens computed"
+            in caplog.text)
+    assert f"prefix reuse {summary['prefix_reuse']:.1%}, peak {summary['peak_pages_in_use']} of" in caplog.text
+
+
+def test_batch_summary_peak_is_the_batchs_own(model_dir: str) -> None:
+    """The bench runs a warm-up and several workloads on one engine: each must report its own peak."""
+    llm = LLM(model_dir, **ENGINE)
+    llm.generate([{"prompt_token_ids": [4 + i] * 40} for i in range(8)], SamplingParams(max_tokens=4), use_tqdm=False)
+    before = llm.engine.stats()
+    llm.generate({"prompt_token_ids": [50] * 6}, SamplingParams(max_tokens=2), use_tqdm=False)
+    summary = batch_summary(before, llm.engine.stats(), llm.engine.pages_in_use_series())
+    assert summary["peak_pages_in_use"] == max(llm.engine.pages_in_use_series()[before["steps"]:])
+    assert summary["peak_pages_in_use"] < llm.engine.stats()["peak_pages_in_use"]
+
+
 def test_add_requests_refuses_taken_ids_and_queues_nothing(model_dir: str) -> None:
     llm = LLM(model_dir, **ENGINE)
     engine = llm.engine
@@ -214,8 +248,21 @@ def test_members_wait_for_the_leader_then_share_its_pages() -> None:
     second = step(scheduler)
     assert second == [seqs[0], seqs[4]] + seqs[1:4]
     assert all(s.kv.num_cached_tokens == 32 for s in seqs[1:4])
+    # Every member is past prefill: the pin goes now, while they still decode, not at their end.
+    assert pinned_pages(scheduler.tree) == 0 and all(not s.is_finished for s in seqs[:4])
     drive(scheduler)
     assert_no_pins_left(scheduler.tree)
+
+
+def test_prefixes_shorter_than_the_threshold_are_not_shared_groups() -> None:
+    """A short shared prefix saves too little to make its members wait for a leader: they are
+    admitted together, while the members of a prefix at the threshold wait for theirs."""
+    short, long = [1] * 12, [2] * 16
+    seqs = make_seqs([short + [3, 4], short + [5], long + [6], long + [7, 8]], [1, 1, 1, 1])
+    scheduler = make_scheduler(64, min_shared_prefix_len=16)
+    scheduler.add_batch(seqs)
+    assert [item.seq for item in scheduler.schedule()] == seqs[:3]
+    assert scheduler.planner.num_parked == 1
 
 
 def test_plan_is_depth_first_and_largest_decode_ratio_first() -> None:
@@ -300,11 +347,12 @@ def test_cache_order_longest_match_first_with_ageing() -> None:
     old = make_seqs([[9] * 20], [1])[0]
     scheduler.add(old)
     scheduler.num_steps += scheduler.planner.max_wait_steps - 1
-    newer = make_seqs([cached[:16] + [60], cached + [70]], [1, 1])
+    newer = make_seqs([cached[:16] + [60], cached + [70], [8] * 20], [1, 1, 1])
     for seq in newer:
         scheduler.add(seq)
+    newer[2].num_preemptions = 1  # it was running once: it goes ahead of any cache match
     scheduler.prioritize_cached()
-    assert list(scheduler.waiting) == [newer[1], newer[0], old]
-    scheduler.num_steps += 1  # now the unmatched one has waited long enough to go first
+    assert list(scheduler.waiting) == [newer[2], newer[1], newer[0], old]
+    scheduler.num_steps += 1  # now the unmatched one has waited long enough to go first (oldest first)
     scheduler.prioritize_cached()
-    assert list(scheduler.waiting) == [old, newer[1], newer[0]]
+    assert list(scheduler.waiting) == [old, newer[2], newer[1], newer[0]]

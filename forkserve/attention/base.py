@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forkserve.attention.cascade import CascadePlan
 from forkserve.engine.pages import KVCache
 from forkserve.model.layers import fused_kernels_for
 
@@ -26,6 +27,7 @@ class AttentionMetadata:
     context_lens: list[int]  # tokens in KV after this step
     slot_mapping: torch.Tensor  # [T] int64 on the device, page * page_size + offset of each new token
     page_size: int
+    cascade: CascadePlan | None = None  # shared-prefix levels, when the step's sharing is worth them
 
     @property
     def num_seqs(self) -> int:

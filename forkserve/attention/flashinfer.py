@@ -4,8 +4,16 @@ A step is planned once (on host tensors, so planning never waits for the GPU) an
 reuses the plan. Pure decode steps use the decode kernel (tensor cores for grouped-query heads);
 steps with prefill chunks use the ragged-query prefill kernel over paged KV. Decode wrappers
 bound to fixed buffers serve the CUDA graphs (see forkserve/cuda_graphs.py).
+
+A step with a cascade plan (forkserve/attention/cascade.py) runs the same kernel over each
+sequence's own pages with the log-sum-exp returned, then one prefill-kernel pass per shared
+level (each group's queries a ragged request, non-causal, over its shared pages), merged in
+place into the member rows by FlashInfer's merge_state_in_place. The same calls run eagerly
+and inside the decode CUDA graphs.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -28,21 +36,32 @@ class FlashInferBackend(AttentionBackend):
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._active = self._decode
-        self._staged: torch.cuda.Event | None = None  # when the last plan's host-to-device copies are queued
+        self._levels: list = []  # one prefill wrapper per shared level of cascade plans, made as needed
+        self._active_levels: list[tuple[object, torch.Tensor]] = []  # (wrapper, member mask) of this step
+        self._staged: dict[int, torch.cuda.Event] = {}  # per wrapper: when its last plan's copies are queued
 
     def prepare(self, meta: AttentionMetadata, kv_cache: KVCache) -> None:
+        plan = meta.cascade
+        kv_indptr, kv_indices = (meta.kv_indptr, meta.kv_indices) if plan is None else (plan.own_indptr, plan.own_indices)
         if meta.is_decode:
-            self.plan_decode(self._decode, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, kv_cache)
+            self.plan_decode(self._decode, kv_indptr, kv_indices, meta.kv_last_page_len, kv_cache)
             self._active = self._decode
         else:
-            self._plan(self._prefill, meta.query_start, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
+            self._plan(self._prefill, meta.query_start, kv_indptr, kv_indices, meta.kv_last_page_len,
                        self.num_q_heads, self.num_kv_heads, self.head_dim, kv_cache.page_size,
                        causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
             self._active = self._prefill
+        self._active_levels = []
+        for depth, level in enumerate(plan.levels if plan is not None else ()):
+            if depth == len(self._levels):
+                self._levels.append(self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD"))
+            self.plan_level(self._levels[depth], level.qo_indptr, level.kv_indptr, level.kv_indices,
+                            level.kv_last_page_len, kv_cache)
+            self._active_levels.append((self._levels[depth], level.member))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        return self.run(self._active, layer, q, k, v, kv_cache, meta.slot_mapping)
+        return self.run(self._active, layer, q, k, v, kv_cache, meta.slot_mapping, self._active_levels)
 
     # ---------------------------------------------------------------- pieces the CUDA graphs reuse
     def graph_decode_wrapper(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
@@ -50,6 +69,23 @@ class FlashInferBackend(AttentionBackend):
         return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=indptr,
             paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_page_len)
+
+    def graph_level_wrapper(self, qo_indptr: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+                            last_page_len: torch.Tensor):
+        """A shared-level (ragged prefill) wrapper whose plan lands in these fixed device buffers;
+        its number of requests is fixed to len(qo_indptr) - 1."""
+        return self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=qo_indptr, paged_kv_indptr_buf=indptr,
+            paged_kv_indices_buf=indices, paged_kv_last_page_len_buf=last_page_len)
+
+    def plan_level(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                   kv_last_page_len: torch.Tensor, kv_cache: KVCache) -> None:
+        """Plan one shared level: every request sees all of its pages (non-causal)."""
+        if wrapper.is_cuda_graph_enabled:  # it would copy host indices into its buffer with a blocking copy
+            kv_indices = to_device(kv_indices, self._workspace.device)
+        self._plan(wrapper, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads,
+                   self.head_dim, kv_cache.page_size, causal=False, q_data_type=self.dtype,
+                   kv_data_type=kv_cache.k.dtype)
 
     def plan_decode(self, wrapper, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                     kv_last_page_len: torch.Tensor, kv_cache: KVCache) -> None:
@@ -62,19 +98,31 @@ class FlashInferBackend(AttentionBackend):
         """wrapper.plan, safe while the host runs a step ahead of the GPU.
 
         Index tensors are pinned so their copies never wait for the stream. A plan stages its
-        schedule in a pinned buffer that the next plan rewrites, so that one first waits until
-        the GPU has taken the previous plan's copy (by then it nearly always has).
+        schedule in the wrapper's pinned buffer, which its next plan rewrites, so that one first
+        waits until the GPU has taken the previous copy (a step earlier: by then it nearly always
+        has). Waiting per wrapper matters: a step plans several wrappers (cascade levels), and
+        waiting on this step's own earlier plan would wait for the GPU to reach this step.
         """
         args = [a.pin_memory() if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_pinned() else a
                 for a in index_tensors_and_shape]
-        if self._staged is not None:
-            self._staged.synchronize()
+        staged = self._staged.get(id(wrapper))
+        if staged is not None:
+            staged.synchronize()
         wrapper.plan(*args, **options)
-        self._staged = torch.cuda.Event()
-        self._staged.record()
+        staged = torch.cuda.Event()
+        staged.record()
+        self._staged[id(wrapper)] = staged
 
-    @staticmethod
-    def run(wrapper, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-            slot_mapping: torch.Tensor) -> torch.Tensor:
+    def run(self, wrapper, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+            slot_mapping: torch.Tensor, levels: Sequence[tuple[object, torch.Tensor]] = ()) -> torch.Tensor:
+        """Store the new K/V, attend with `wrapper` and merge in each (level wrapper, member mask)."""
         write_kv(layer, k, v, kv_cache, slot_mapping)
-        return wrapper.run(q.contiguous(), (kv_cache.k[layer], kv_cache.v[layer]))
+        cache = (kv_cache.k[layer], kv_cache.v[layer])
+        q = q.contiguous()
+        if not levels:
+            return wrapper.run(q, cache)
+        out, lse = wrapper.run(q, cache, return_lse=True)
+        for level_wrapper, member in levels:
+            part, part_lse = level_wrapper.run(q, cache, return_lse=True)
+            self._flashinfer.merge_state_in_place(out, lse, part, part_lse, mask=member)
+        return out

@@ -1,17 +1,22 @@
 """Where a decode step's time goes: attention kernels vs GEMMs vs other kernels vs host.
 
 Run on the GPU machine:
-    python -m forkserve.bench.profile CONFIG_DIR --batch 256,1024 --context 1024,2100
-For each (batch, context) it fills the engine with `batch` requests of `context` prompt tokens,
-lets prefill finish, then times steady decode steps: wall time per step, and from the profiler
-the GPU time per step split by kernel kind. Wall minus GPU busy time is host time the GPU waited for
-(with async scheduling, host work that did not fit under the previous step's GPU time).
+    python -m forkserve.bench.profile CONFIG_DIR --batch 256,1024 --context 1024,2100 [--shared 2000 --group 64]
+For each (batch, context) it fills the engine with `batch` requests of `context` prompt tokens
+(with --shared S, requests in groups of --group share their first S tokens, as in the
+sharedprefix workload), lets prefill finish, then times steady decode steps: wall time per step,
+and from the profiler the GPU time per step split by kernel kind. Wall minus GPU busy time is
+host time the GPU waited for (with async scheduling, host work that did not fit under the
+previous step's GPU time). KV pages read per layer per step, against what plain attention
+would read, show what shared-prefix attention saved.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
+import pstats
 import statistics
 import tempfile
 import time
@@ -21,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from forkserve.api import LLM
+from forkserve.attention.cascade import CascadeRule
 from forkserve.bench.run import model_dir_from_config
 from forkserve.sampling_params import SamplingParams
 
@@ -48,33 +54,62 @@ def kernel_times_ms(prof: profile) -> dict[str, float]:
     return totals
 
 
-def profile_decode(llm: LLM, batch: int, context: int, steps: int, temperature: float) -> dict[str, float]:
+def top_kernels_ms(prof: profile, top: int) -> list[tuple[str, float]]:
+    """The GPU kernels with the most total time."""
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time / 1000.0
+    return sorted(totals.items(), key=lambda item: -item[1])[:top]
+
+
+def profile_decode(llm: LLM, batch: int, context: int, steps: int, temperature: float, shared: int = 0,
+                   group: int = 1, host_profile: int = 0) -> dict[str, float]:
     engine = llm.engine
     params = SamplingParams(temperature=temperature, max_tokens=steps * 3 + 8, ignore_eos=True)
     for i in range(batch):
-        prompt = [100 + (i * 7919 + j * 104729) % 30000 for j in range(context)]
+        prompt = [100 + ((i // group) * 7919 + j * 104729) % 30000 for j in range(shared)]
+        prompt += [100 + (i * 7919 + j * 104729) % 30000 for j in range(shared, context)]
         engine.add_request(f"profile-{batch}-{context}-{i}", engine.make_prompt({"prompt_token_ids": prompt}, "p"), params)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     for _ in range(steps):  # warm-up decode steps
         engine.step()
     torch.cuda.synchronize()
+    runner = engine.runner
+    read, listed = runner.kv_pages_read, runner.kv_pages_listed
     walls = []
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             start = time.perf_counter()
             engine.step()  # waits for a step's draws: this one's, or the previous one's with async scheduling
             walls.append((time.perf_counter() - start) * 1000)
+    if host_profile:
+        print_host_profile(engine, steps, host_profile)
     kernels = {k: v / steps for k, v in kernel_times_ms(prof).items()}
+    if host_profile:
+        for name, ms in top_kernels_ms(prof, host_profile):
+            print(f"KERNEL {ms / steps:8.3f} ms/step  {name[:150]}", flush=True)
     running = len(engine.scheduler.running)
     for rid in list(engine.requests):
         engine.abort_request(rid)
     wall = statistics.median(walls)
     gpu = sum(kernels.values())
-    row = dict(batch=batch, context=context, running=running, wall_ms=round(wall, 2),
+    row = dict(batch=batch, context=context, shared=shared, group=group, running=running, wall_ms=round(wall, 2),
                gpu_ms=round(gpu, 2), host_ms=round(max(wall - gpu, 0.0), 2),
-               **{f"{k}_ms": round(v, 2) for k, v in kernels.items()})
+               **{f"{k}_ms": round(v, 2) for k, v in kernels.items()},
+               kv_pages_read=(runner.kv_pages_read - read) // steps, kv_pages_listed=(runner.kv_pages_listed - listed) // steps)
     return row
+
+
+def print_host_profile(engine, steps: int, top: int) -> None:
+    """The host's own time per function over `steps` more steps (cProfile, so Python costs look ~2x)."""
+    host = cProfile.Profile()
+    host.enable()
+    for _ in range(steps):
+        engine.step()
+    host.disable()
+    pstats.Stats(host).sort_stats("tottime").print_stats(top)
 
 
 def main() -> None:
@@ -83,7 +118,12 @@ def main() -> None:
     parser.add_argument("--batch", default="256,1024")
     parser.add_argument("--context", default="1024")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--shared", type=int, default=0, help="prompt tokens shared within each group")
+    parser.add_argument("--group", type=int, default=64, help="requests per group sharing --shared tokens")
     parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--cascade", default="on", help="shared-prefix attention: on, off, or on,off to compare")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also print the N functions with the most host time (cProfile)")
     parser.add_argument("--engine-args", default="{}")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -97,9 +137,13 @@ def main() -> None:
     rows = []
     for context in (int(c) for c in args.context.split(",")):
         for batch in batches:
-            row = profile_decode(llm, batch, context, args.steps, args.temperature)
-            print("PROFILE " + json.dumps(row), flush=True)
-            rows.append(row)
+            for cascade in args.cascade.split(","):
+                llm.engine.runner.cascade = CascadeRule() if cascade == "on" else None
+                row = profile_decode(llm, batch, context, args.steps, args.temperature, args.shared, args.group,
+                                     args.host_profile)
+                row["cascade"] = cascade
+                print("PROFILE " + json.dumps(row), flush=True)
+                rows.append(row)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -9,17 +9,28 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from forkserve.bench.workloads import Workload, build
-from forkserve.engine.summary import batch_summary
+from forkserve.engine.summary import batch_summary, step_breakdown
 
 logger = logging.getLogger("forkserve.bench")
 
 Generate = Callable[[Workload], list[Any]]
 
 
-def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> tuple[Generate, Callable[[], dict]]:
+@dataclass
+class EngineUnderTest:
+    """What the timing loop needs of an engine: generate, and counters where the engine has them."""
+
+    generate: Generate
+    stats: Callable[[], dict] = dict  # cumulative counters (forkserve's Engine.stats)
+    steps: Callable[[], list[tuple[float, int, int]]] = list  # per-step trace (EngineCounters.step_series)
+    pages: Callable[[], list[int]] = list  # pages in use per step (Engine.pages_in_use_series)
+
+
+def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:
     import torch
 
     from forkserve import LLM, SamplingParams
@@ -36,10 +47,11 @@ def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> tuple[Gener
                   for r in w.requests]
         return llm.generate(prompts, params, use_tqdm=False)
 
-    return generate, lambda: llm.engine.stats() if hasattr(llm.engine, "stats") else {}
+    return EngineUnderTest(generate, llm.engine.stats, lambda: list(llm.engine.counters.step_series),
+                           llm.engine.pages_in_use_series)
 
 
-def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> tuple[Generate, Callable[[], dict]]:
+def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -52,29 +64,34 @@ def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> tuple[Generate, 
                   for r in w.requests]
         return llm.generate(prompts, params, use_tqdm=False)
 
-    return generate, dict
+    return EngineUnderTest(generate)
 
 
 def main(argv: list[str]) -> int:
     engine, model_dir, names, scale, engine_args = argv[0], argv[1], argv[2].split(","), int(argv[3]), json.loads(argv[4])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    generate, stats = (vllm_runner if engine == "vllm" else forkserve_runner)(model_dir, engine_args)
+    under_test = (vllm_runner if engine == "vllm" else forkserve_runner)(model_dir, engine_args)
     print(f"STARTUP {time.perf_counter() - start:.1f}", flush=True)
     # A small mixed batch (prefill chunks, decodes at many batch sizes): every kernel is built
     # before the clock starts, as vLLM's start-up does.
-    generate(Workload("warmup", build("nosharing", 8).requests, 0.6))
+    under_test.generate(Workload("warmup", build("nosharing", 8).requests, 0.6))
     for name in names:
         w = build(name, scale)
-        before = stats()
+        before = under_test.stats()
         t = time.perf_counter()
-        outputs = generate(w)
-        seconds = time.perf_counter() - t
+        outputs = under_test.generate(w)
+        end = time.perf_counter()
+        seconds = end - t
         out_tok = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         in_tok = sum(len(o.prompt_token_ids) for o in outputs)
+        stats = batch_summary(before, under_test.stats(), under_test.pages())
+        trace = [step for step in under_test.steps() if step[0] >= t]
+        if trace:
+            stats.update(step_breakdown(trace, end))
         result = dict(engine=engine, workload=name, seconds=round(seconds, 3), prompt_tokens=in_tok,
                       output_tokens=out_tok, output_tok_s=round(out_tok / seconds, 1),
-                      total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=batch_summary(before, stats()))
+                      total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=stats)
         print("RESULT " + json.dumps(result), flush=True)
     return 0
 

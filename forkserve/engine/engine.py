@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
@@ -10,6 +11,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from forkserve.attention.base import AttentionBackend
+from forkserve.attention.cascade import CascadeRule, path_order
 from forkserve.attention.flashinfer import FlashInferBackend
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device,
@@ -23,7 +25,7 @@ from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
 from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
-from forkserve.cuda_graphs import DecodeGraphs
+from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
 from forkserve.sampling_params import SamplingParams
 
@@ -60,6 +62,7 @@ class Engine:
                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer or config.model)
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format)
+        self.cascade_rule = None if config.disable_cascade_attn else CascadeRule()
         self.kv_cache = self._make_kv_cache()
         self.pool = PagePool(self.kv_cache.num_pages, config.block_size)
         self.tree = PrefixTree(self.pool, self.kv_cache.copy_pages, config.enable_prefix_caching)
@@ -68,7 +71,8 @@ class Engine:
                                    config.min_shared_prefix_len)
         backend = self._make_backend()
         sampler = ForkingSampler(Sampler(config.seed, self.device), config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device, self._make_graphs(backend))
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device,
+                                  self._make_graphs(backend, self.cascade_rule), self.cascade_rule)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
@@ -113,11 +117,18 @@ class Engine:
         mc = self.model_config
         return FlashInferBackend(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
 
-    def _make_graphs(self, backend: AttentionBackend) -> DecodeGraphs | None:
-        if self.config.enforce_eager or self.device.type != "cuda" or not isinstance(backend, FlashInferBackend):
+    def _make_graphs(self, backend: AttentionBackend, cascade: CascadeRule | None) -> DecodeGraphs | None:
+        if not self._uses_graphs():
             return None
+        assert isinstance(backend, FlashInferBackend)
         max_pages = -(-self.max_model_len // self.config.block_size)
-        return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, max_pages, self.device)
+        return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, max_pages, self.device,
+                            cascade.max_levels if cascade is not None else 0)
+
+    def _uses_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs with FlashInfer on a GPU, unless enforce_eager."""
+        return not self.config.enforce_eager and self.device.type == "cuda" and \
+            self.config.attention_backend != "reference"
 
     # ----------------------------------------------------------------------------- requests
     def make_prompt(self, prompt: object, label: str) -> PromptInput:
@@ -285,22 +296,29 @@ class Engine:
         """Run one batch; return the outputs of requests that finished in it (or, with async
         scheduling, in the step before it, whose tokens are read once this one is queued)."""
         batch = self.scheduler.schedule()
+        if self.runner.cascade is not None and len(batch) > 1:
+            # Sequences under one tree node adjacent: each shared group is one attention request.
+            for item in batch:
+                item.path = item.seq.kv.node.path()
+            batch = [batch[i] for i in path_order([item.path for item in batch])]
         samplers = [item.seq for item in batch if item.samples]
         finished: list[RequestOutput] = []
         had_in_flight = self._in_flight is not None
-        if had_in_flight and not self._can_overlap(samplers):
+        overlap = self._can_overlap(samplers)
+        if had_in_flight and not overlap:
             # This step needs the previous one's tokens on the host first; sequences those
             # tokens end drop out of it.
             finished = self._resolve_in_flight()
             batch = [item for item in batch if not item.seq.is_finished]
             samplers = [seq for seq in samplers if not seq.is_finished]
+            overlap = self._can_overlap(samplers)
         if not batch:
             finished += self._resolve_in_flight()
             if not had_in_flight and self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
             return finished  # sequences the previous step's tokens ended may have made room
         self.counters.record_step(batch, self.pages_in_use)
-        if self._can_overlap(samplers):
+        if overlap:
             previous = self._in_flight
             rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
             launched = self.runner.launch(batch, rows, previous.launched if previous else None)
@@ -332,7 +350,7 @@ class Engine:
     def _can_overlap(self, samplers: list[Sequence]) -> bool:
         """May this step be queued before the previous step's tokens are read (async scheduling)?"""
         return self.config.async_scheduling and bool(samplers) and \
-            not any(seq.request.needs_tokens_at_once or seq.probe_k for seq in samplers)
+            not any(seq.needs_tokens_at_once for seq in samplers)
 
     def _advance(self, batch: list[ScheduledSeq]) -> None:
         """The step's KV is computed (or queued to be): move progress, publish finished prefill pages."""
@@ -461,14 +479,18 @@ class Engine:
         prefill_tokens_computed is what the model actually ran other than decodes, so with
         forks and prefix reuse it is far below prompt_tokens x n. Pages in use are those held
         by sequences, held search branches and pins (idle cache excluded); see
-        `pages_in_use_series` for the per-step history.
+        `pages_in_use_series` for the per-step history. kv_pages_read is the KV pages one layer's
+        attention read, summed over steps, against kv_pages_listed, what plain attention would
+        read (each sequence its whole table): shared-prefix attention's saving, in
+        cascade_steps steps.
         """
         c, planner = self.counters, self.scheduler.planner
         return dict(prompt_tokens=c.prompt_tokens, unique_prompt_tokens=planner.unique_prompt_tokens,
                     prefill_tokens_computed=c.prefill_tokens, decode_tokens=c.decode_tokens,
                     peak_pages_in_use=c.peak_pages, pages_in_use=self.pages_in_use, steps=c.steps,
                     preemptions=self.scheduler.num_preemptions, pins_dropped=planner.pins_dropped,
-                    kv_pages=self.pool.num_pages)
+                    kv_pages=self.pool.num_pages, cascade_steps=self.runner.cascade_steps,
+                    kv_pages_read=self.runner.kv_pages_read, kv_pages_listed=self.runner.kv_pages_listed)
 
     def pages_in_use_series(self) -> list[int]:
         """Pages in use at the start of each of the last (up to 65,536) steps, oldest first."""
@@ -527,29 +549,52 @@ class EngineCounters:
     peak_pages: int = 0
     steps: int = 0
     pages_series: deque[int] = field(default_factory=lambda: deque(maxlen=1 << 16))
+    # (time.perf_counter() at the step's start, decode rows, prefill tokens) of the last steps:
+    # where a batch's time went (see summary.step_breakdown)
+    step_series: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=1 << 16))
 
     def record_step(self, batch: list[ScheduledSeq], pages_in_use: int) -> None:
         self.steps += 1
         self.peak_pages = max(self.peak_pages, pages_in_use)
         self.pages_series.append(pages_in_use)
+        decodes = prefills = 0
         for item in batch:
             seq = item.seq
             if item.num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                self.decode_tokens += 1
+                decodes += 1
             else:
-                self.prefill_tokens += item.num_new_tokens
+                prefills += item.num_new_tokens
+        self.decode_tokens += decodes
+        self.prefill_tokens += prefills
+        self.step_series.append((time.perf_counter(), decodes, prefills))
+
+
+# FlashInfer gives every attention wrapper an 8 MiB schedule buffer on the device.
+FLASHINFER_WRAPPER_BYTES = 8 << 20
 
 
 def _activation_reserve(engine: Engine) -> int:
-    """Bytes kept free for activations and logits of the largest step (rough, on the safe side)."""
+    """Bytes kept free for activations and logits of the largest step, and for the CUDA graphs'
+    attention wrappers and index buffers (rough, on the safe side)."""
     mc, cfg = engine.model_config, engine.config
     per_token = (mc.hidden_size * 6 + mc.intermediate_size * 3) * 4
     logits = cfg.max_num_seqs * mc.vocab_size * 4 * 3
-    return cfg.max_num_batched_tokens * per_token + logits
+    graphs = 0
+    if engine._uses_graphs():
+        levels = engine.cascade_rule.max_levels if engine.cascade_rule is not None else 0
+        max_pages = -(-engine.max_model_len // cfg.block_size)
+        wrappers = len(graph_batch_sizes(cfg.max_num_seqs)) * (1 + levels)
+        graphs = wrappers * FLASHINFER_WRAPPER_BYTES + (1 + levels) * cfg.max_num_seqs * max_pages * 4
+    return cfg.max_num_batched_tokens * per_token + logits + graphs
 
 
 def _load_tokenizer(path: str):
     """The checkpoint's own tokenizer files; never remote code."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load a tokenizer from {path} (tokenizer.json or tokenizer_config.json with its "
+                         f"vocabulary files expected there; pass skip_tokenizer_init=True to run on token ids): "
+                         f"{error}") from error

@@ -24,13 +24,16 @@ from dataclasses import dataclass
 
 from forkserve.engine.planner import MIN_SHARED_PREFIX_LEN, Planner
 from forkserve.engine.sequence import Sequence, SequenceStatus
-from forkserve.engine.tree import PrefixTree
+from forkserve.engine.tree import PrefixTree, TreeNode
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
+    # The sequence's tree path this step, when the engine orders the batch by it (shared-prefix
+    # attention plans from the same paths, so they are walked once a step).
+    path: list[TreeNode] | None = None
 
     @property
     def samples(self) -> bool:

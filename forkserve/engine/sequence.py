@@ -57,6 +57,15 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def needs_tokens_at_once(self) -> bool:
+        """Its next draw feeds a host decision, so its step cannot be queued ahead (async scheduling):
+        a first draw that forks into samples, a beam probe, or a request that needs every token
+        on the host. Once forked, samples draw like any other sequence."""
+        request = self.request
+        return request.needs_tokens_at_once or bool(self.probe_k) or \
+            (self.index == 0 and len(request.seqs) < request.num_samples)
+
 
 @dataclass(eq=False)
 class Request:
@@ -74,17 +83,18 @@ class Request:
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission, as vLLM reports it
     num_samples: int = 1
     hold: bool = False  # finished sequences keep their KV (tree search: they are forked later)
+    # Its draws feed the host's next decision (penalties, search): no async scheduling. Fixed at
+    # creation (its params are), and read for every sampling row of every step.
+    needs_tokens_at_once: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.needs_tokens_at_once = self.hold or p.repetition_penalty != 1.0 or bool(p.frequency_penalty) \
+            or bool(p.presence_penalty)
 
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
-
-    @property
-    def needs_tokens_at_once(self) -> bool:
-        """Its draws feed the host's next decision (forks, penalties, search): no async scheduling."""
-        p = self.params
-        return self.hold or self.num_samples > 1 or p.repetition_penalty != 1.0 \
-            or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
     def sample_seed(self, index: int) -> int | None:
         """Sample i draws from seed `params.seed + i`: exactly what a request with that seed draws."""

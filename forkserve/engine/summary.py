@@ -1,16 +1,24 @@
 """End-of-batch summary: what a batch computed against what it had to, from two `Engine.stats()`."""
 from __future__ import annotations
 
+from typing import Sequence
+
 # Reported as they stand at the end rather than as differences.
 LEVELS = ("peak_pages_in_use", "pages_in_use", "kv_pages")
 
 
-def batch_summary(before: dict[str, int | float], after: dict[str, int | float]) -> dict[str, int | float]:
+def batch_summary(before: dict[str, int | float], after: dict[str, int | float],
+                  pages_series: Sequence[int] = ()) -> dict[str, int | float]:
     """Counters over the batch, plus `prefix_reuse`: the share of prompt tokens not computed.
 
-    prefix_reuse can go below 0 when preemption recomputes more than the prefix tree saved.
+    With the engine's pages-in-use series (`Engine.pages_in_use_series`), peak_pages_in_use is the
+    batch's own peak (over its steps) rather than the engine's since start. prefix_reuse can go
+    below 0 when preemption recomputes more than the prefix tree saved.
     """
     out = {k: v if k in LEVELS else v - before.get(k, 0) for k, v in after.items()}
+    steps = int(out.get("steps", 0))
+    if 0 < steps <= len(pages_series):
+        out["peak_pages_in_use"] = max(list(pages_series)[-steps:])
     prompt = out.get("prompt_tokens", 0)
     out["prefix_reuse"] = round(1 - out.get("prefill_tokens_computed", 0) / prompt, 4) if prompt else 0.0
     return out
@@ -24,3 +32,26 @@ def describe(summary: dict[str, int | float]) -> str:
             f"{s['prefill_tokens_computed']} prefill tokens computed{ratio}, prefix reuse {s['prefix_reuse']:.1%}, "
             f"peak {s['peak_pages_in_use']} of {s['kv_pages']} KV pages, {s['preemptions']} preemptions, "
             f"{s['pins_dropped']} pinned prefixes dropped")
+
+
+def step_breakdown(series: list[tuple[float, int, int]], end: float) -> dict[str, float]:
+    """Wall time of a batch's steps split into pure decode steps and steps with prefill tokens.
+
+    series holds (start time, decode rows, prefill tokens) per step (`EngineCounters.step_series`)
+    and end is when the batch finished. A step's time is taken as the gap to the next step's
+    start; with async scheduling that gap is the GPU time of the step before, a one-step shift
+    that runs of similar steps make negligible.
+    """
+    decode_s = prefill_s = 0.0
+    decode_steps = decode_rows = prefill_steps = 0
+    for (start, decodes, prefills), following in zip(series, [s[0] for s in series[1:]] + [end]):
+        if prefills:
+            prefill_steps += 1
+            prefill_s += following - start
+        else:
+            decode_steps += 1
+            decode_rows += decodes
+            decode_s += following - start
+    return dict(decode_steps=decode_steps, decode_seconds=round(decode_s, 3),
+                mean_decode_batch=round(decode_rows / decode_steps, 1) if decode_steps else 0.0,
+                prefill_steps=prefill_steps, prefill_seconds=round(prefill_s, 3))

@@ -267,7 +267,7 @@ class BatchRunner:
             writer.close()
         summary.seconds = time.perf_counter() - start
         logger.info("%s", summary.describe(self.output_path))
-        logger.info("%s", describe(batch_summary(before, engine.stats())))
+        logger.info("%s", describe(batch_summary(before, engine.stats(), engine.pages_in_use_series())))
         return summary
 
     def _validate(self, engine: Any, served: list[str]) -> tuple[list[_Job], list[dict[str, Any]]]:

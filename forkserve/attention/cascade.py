@@ -1,0 +1,208 @@
+"""Shared-prefix (cascade) attention plans: read each shared prefix once per step for all its queries.
+
+For one step, the prefix tree says which of the step's sequences share which KV: a tree node on
+the paths of c of them is shared c ways. A *segment* is a run of consecutive nodes on a path
+shared by the same sequences. A segment worth a pass of its own (`CascadeRule`) becomes a group
+at its *depth* (how many such segments lie above it): all queries of all sequences under it
+attend to its pages in one batched, non-causal pass (Hydragen; the shared KV precedes every
+query). All groups of one depth form one kernel call, a *level*. What is left of each sequence
+(its own tail, plus any shared run too small to pay for a pass) is the last level, attended
+causally as plain attention would. Every level returns partial outputs with their log-sum-exp,
+and `merge_partials` combines them exactly.
+
+Depths nest like the tree: system prompt -> document -> question -> samples. A segment that
+fails the rule folds into the next kept one below it on every path through it, so each
+sequence's pages are still read exactly once.
+
+A level is laid out for the kernels as a tiling of the step's whole flat batch into ragged
+requests: each run of consecutive tokens of one group is a request over the group's pages, and
+each run of tokens in no group of that level is a *filler* request over the scratch page, left
+out of the merge (`member`). No gathers, every level's shapes are the batch's own, and so a
+decode step with levels can be a CUDA graph.
+Sequences that share are adjacent when the batch is sorted by tree path (`path_order`), which
+keeps a group to one request; any order is still correct.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from forkserve.engine.tree import TreeNode
+from forkserve.transfer import to_device
+
+
+@dataclass(frozen=True)
+class CascadeRule:
+    """When sharing is worth a pass of its own (in tokens of KV not re-read, per layer and step).
+
+    A pass costs a kernel launch and a merge over the batch, so a short prefix shared by two
+    sequences is left to plain attention. A level (one kernel call per layer) must save enough
+    in all to pay for its launches; at most max_levels depths are kept (the CUDA graphs are
+    captured for up to that many), the ones that save most.
+    """
+
+    min_segment_tokens_saved: int = 1024  # (sharers - 1) x segment tokens
+    min_level_tokens_saved: int = 16384  # summed over the level's groups
+    max_levels: int = 2
+
+
+@dataclass
+class CascadeLevel:
+    """One depth of sharing, as ragged requests tiling the step's tokens: request r is the queries
+    q[qo_indptr[r]:qo_indptr[r+1]] over pages kv_indices[kv_indptr[r]:kv_indptr[r+1]] (the last
+    holding kv_last_page_len[r] tokens), attended non-causally. Filler requests (tokens in no
+    group of this level) read the scratch page; their tokens are False in `member`, not merged."""
+
+    qo_indptr: torch.Tensor  # [R + 1] int32 host
+    kv_indptr: torch.Tensor  # [R + 1] int32 host
+    kv_indices: torch.Tensor  # int32 host
+    kv_last_page_len: torch.Tensor  # [R] int32 host
+    member: torch.Tensor  # [T] bool on the device: the token is in a group of this level
+
+    @property
+    def num_requests(self) -> int:
+        return self.qo_indptr.shape[0] - 1
+
+
+@dataclass
+class CascadePlan:
+    """A step's shared levels, and each sequence's own pages: those after its last shared level."""
+
+    levels: list[CascadeLevel]
+    own_indptr: torch.Tensor  # [B + 1] int32 host
+    own_indices: torch.Tensor  # int32 host
+    pages_read: int  # pages one layer reads with these levels (each group's once; fillers not counted)
+    pages_listed: int  # pages one layer reads with plain attention (each sequence all of its own)
+
+
+@dataclass
+class _Group:
+    """A segment kept as a pass: its page range on every member's table, and the members' rows."""
+
+    start_page: int
+    end_page: int
+    seqs: list[int]
+
+
+def path_order(paths: Sequence[list[TreeNode]]) -> list[int]:
+    """Indices that sort sequences by tree path, so that all sequences under a node are adjacent."""
+    keys = [tuple(map(id, path)) for path in paths]
+    return sorted(range(len(paths)), key=keys.__getitem__)
+
+
+def plan_cascade(paths: Sequence[list[TreeNode]], kv_indptr: np.ndarray, kv_indices: np.ndarray,
+                 query_start: np.ndarray, page_size: int, scratch_page: int, device: torch.device,
+                 rule: CascadeRule) -> CascadePlan | None:
+    """The step's levels, or None when no sharing is worth a pass (then plain attention runs).
+
+    paths[b] is sequence b's path in the tree (`TreeNode.path()`): computed, page-aligned KV that
+    its page table kv_indices[kv_indptr[b]:kv_indptr[b+1]] starts with.
+    """
+    sharers: dict[TreeNode, int] = {}
+    for path in paths:
+        for node in path:
+            sharers[node] = sharers.get(node, 0) + 1
+    # Candidate segments per sequence, top down: (end node, end page, sharers). Counts only fall
+    # along a path, so the first node shared by fewer than two ends the candidates.
+    candidates: list[list[tuple[TreeNode, int, int]]] = []
+    for path in paths:
+        row: list[tuple[TreeNode, int, int]] = []
+        start, i = 0, 0
+        while i < len(path) and sharers[path[i]] >= 2:
+            count = sharers[path[i]]
+            while i + 1 < len(path) and sharers[path[i + 1]] == count:
+                i += 1
+            end = path[i].end // page_size
+            if (count - 1) * (end - start) * page_size >= rule.min_segment_tokens_saved:
+                row.append((path[i], end, count))
+                start = end
+            i += 1
+        candidates.append(row)
+    kept_depths = _depths_worth_a_level(candidates, page_size, rule)
+    if not kept_depths:
+        return None
+    levels: list[dict[TreeNode, _Group]] = [{} for _ in kept_depths]
+    cuts = np.zeros(len(paths), dtype=np.int64)
+    for b, row in enumerate(candidates):
+        start = 0
+        for level, depth in enumerate(kept_depths):
+            if depth >= len(row):
+                break
+            node, end, _ = row[depth]
+            group = levels[level].get(node)
+            if group is None:
+                group = levels[level][node] = _Group(start, end, [])
+            group.seqs.append(b)
+            start = end
+        cuts[b] = start
+    return _build(levels, cuts, kv_indptr, kv_indices, query_start, page_size, scratch_page, device)
+
+
+def _depths_worth_a_level(candidates: list[list[tuple[TreeNode, int, int]]], page_size: int,
+                          rule: CascadeRule) -> list[int]:
+    """Depths whose groups together save enough (the max_levels that save most); the others
+    fold into the depths below them."""
+    saved: dict[int, int] = {}
+    seen: set[TreeNode] = set()
+    for row in candidates:
+        start = 0
+        for depth, (node, end, count) in enumerate(row):
+            if node not in seen:
+                seen.add(node)
+                saved[depth] = saved.get(depth, 0) + (count - 1) * (end - start) * page_size
+            start = end
+    worth = [d for d, tokens in saved.items() if tokens >= rule.min_level_tokens_saved]
+    return sorted(sorted(worth, key=lambda d: -saved[d])[:rule.max_levels])
+
+
+def _build(levels: list[dict[TreeNode, _Group]], cuts: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray,
+           query_start: np.ndarray, page_size: int, scratch_page: int, device: torch.device) -> CascadePlan:
+    """Each level's tiling of the batch, and the own pages; every level's member mask reaches the device in one copy."""
+    num_seqs = len(cuts)
+    query_lens = np.diff(query_start)
+    host_levels, members = [], []
+    pages_read = 0
+    for groups in levels:
+        group_of_seq = np.full(num_seqs, -1, dtype=np.int64)
+        group_pages = []
+        for g, group in enumerate(groups.values()):
+            group_of_seq[group.seqs] = g
+            first = kv_indptr[group.seqs[0]]
+            group_pages.append(kv_indices[first + group.start_page:first + group.end_page])
+            pages_read += group.end_page - group.start_page
+        run_starts = np.flatnonzero(np.diff(group_of_seq, prepend=-2) != 0)  # first sequence of each request
+        run_group = group_of_seq[run_starts]
+        pages = [group_pages[g] if g >= 0 else np.array([scratch_page], dtype=np.int32) for g in run_group]
+        kv_ptr = np.zeros(len(run_starts) + 1, dtype=np.int32)
+        np.cumsum([len(p) for p in pages], out=kv_ptr[1:])
+        host_levels.append((np.append(query_start[run_starts], query_start[-1]).astype(np.int32), kv_ptr,
+                            np.concatenate(pages).astype(np.int32),
+                            np.where(run_group >= 0, page_size, 1).astype(np.int32)))
+        members.append(np.repeat(group_of_seq, query_lens) >= 0)
+    on_device = to_device(np.stack(members), device)
+    plan_levels = [CascadeLevel(*(torch.from_numpy(a) for a in arrays), member=on_device[d])
+                   for d, arrays in enumerate(host_levels)]
+    num_pages = np.diff(kv_indptr)
+    position = np.arange(len(kv_indices)) - np.repeat(kv_indptr[:-1], num_pages)
+    own = kv_indices[position >= np.repeat(cuts, num_pages)]
+    own_indptr = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(num_pages - cuts, out=own_indptr[1:])
+    return CascadePlan(plan_levels, torch.from_numpy(own_indptr), torch.from_numpy(np.ascontiguousarray(own)),
+                       pages_read + len(own), len(kv_indices))
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor,
+                   part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint sets of keys, from each set's output and log-sum-exp (natural log).
+
+    out/part: [N, H, D], lse/part_lse: [N, H]. Exact: softmax over the union re-weights each
+    part by its share of the total exp-sum.
+    """
+    top = torch.maximum(lse, part_lse)
+    w, w_part = torch.exp(lse - top), torch.exp(part_lse - top)
+    total = w + w_part
+    merged = (out * w.unsqueeze(-1) + part * w_part.unsqueeze(-1)) / total.unsqueeze(-1)
+    return merged, top + torch.log(total)

@@ -1,0 +1,166 @@
+"""Shared-prefix (cascade) attention equals plain attention, and generation is unchanged by it."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from attention_steps import shared_prefix_step, step_metadata
+from cpu_llm import cpu_llm
+from forkserve import SamplingParams
+from forkserve.attention.base import AttentionMetadata
+from forkserve.attention.cascade import CascadePlan, CascadeRule, plan_cascade
+from forkserve.attention.reference import ReferenceBackend
+from forkserve.engine.pages import KVCache, PagePool
+from forkserve.engine.tree import PrefixTree
+
+PAGE = 4
+NUM_PAGES = 1024
+SCRATCH = NUM_PAGES  # KVCache(NUM_PAGES, ...).scratch_page
+
+
+def plan_for(meta: AttentionMetadata, paths, rule: CascadeRule) -> CascadePlan | None:
+    return plan_cascade(paths, meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(),
+                        meta.page_size, SCRATCH, torch.device("cpu"), rule)
+
+
+def group_requests(plan: CascadePlan) -> list[list[tuple[range, list[int]]]]:
+    """Per level, (token range, pages) of each request that is a group's (not a filler)."""
+    levels = []
+    for level in plan.levels:
+        qo, kv_ptr, pages, member = (level.qo_indptr.tolist(), level.kv_indptr.tolist(), level.kv_indices.tolist(),
+                                     level.member.tolist())
+        assert qo[0] == 0 and qo[-1] == len(member), "a level's requests tile the whole batch"
+        requests = []
+        for r in range(level.num_requests):
+            tokens = range(qo[r], qo[r + 1])
+            assert len(tokens) > 0 and len({member[t] for t in tokens}) == 1, "a request is all group or all filler"
+            if member[tokens[0]]:
+                requests.append((tokens, pages[kv_ptr[r]:kv_ptr[r + 1]]))
+            else:
+                assert pages[kv_ptr[r]:kv_ptr[r + 1]] == [SCRATCH]
+        levels.append(requests)
+    return levels
+
+
+def assert_each_page_read_once(meta: AttentionMetadata, plan: CascadePlan) -> None:
+    """Every sequence reads its page table exactly once, in order: its groups' pages level by level, then its own."""
+    starts, indptr, indices = meta.query_start.tolist(), meta.kv_indptr.tolist(), meta.kv_indices.tolist()
+    own_ptr, own = plan.own_indptr.tolist(), plan.own_indices.tolist()
+    levels = group_requests(plan)
+    for b in range(meta.num_seqs):
+        tokens = set(range(starts[b], starts[b + 1]))
+        read = []
+        for requests in levels:
+            for request_tokens, pages in requests:
+                if tokens & set(request_tokens):
+                    assert tokens <= set(request_tokens), f"sequence {b}'s queries split across requests"
+                    read += pages
+        read += own[own_ptr[b]:own_ptr[b + 1]]
+        assert read == indices[indptr[b]:indptr[b + 1]], f"sequence {b} reads {read}"
+
+
+RULES = [CascadeRule(1, 1, max_levels=4), CascadeRule(8, 1, max_levels=4), CascadeRule(1, 64, max_levels=4),
+         CascadeRule(16, 48, max_levels=2), CascadeRule(1, 1, max_levels=1)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(depth=st.integers(1, 4), fanout=st.integers(1, 3), copies=st.integers(1, 4), decode=st.booleans(),
+       rule=st.sampled_from(RULES), sort=st.booleans(), seed=st.integers(0, 1 << 16))
+def test_cascade_equals_plain_attention(depth: int, fanout: int, copies: int, decode: bool, rule: CascadeRule,
+                                        sort: bool, seed: int) -> None:
+    """Random trees 1-4 deep: fp32 cascade output equals plain attention to 1e-5, each page read
+    once; with the batch in path order, each group is one request."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    cpu = torch.device("cpu")
+    meta, paths = shared_prefix_step(rng, depth, fanout, copies, max_run_pages=5, max_tail=9, decode=decode,
+                                     page_size=PAGE, num_pages=NUM_PAGES, device=cpu, sort=sort)
+    plan = plan_for(meta, paths, rule)
+    shared = any(len([p for p in paths if node in p]) > 1 for path in paths for node in path)
+    if rule.min_segment_tokens_saved == rule.min_level_tokens_saved == 1:
+        assert (plan is not None) == shared, "all sharing is worth a level under a (1, 1) rule"
+    if plan is None:
+        return
+    assert 1 <= len(plan.levels) <= rule.max_levels
+    assert_each_page_read_once(meta, plan)
+    assert plan.pages_read < plan.pages_listed
+    if sort:
+        for requests in group_requests(plan):
+            page_lists = [tuple(pages) for _, pages in requests]
+            assert len(page_lists) == len(set(page_lists)), "a group split into several requests"
+    cache = KVCache(NUM_PAGES, PAGE, 1, 2, 8, torch.float32, cpu)
+    cache.k.normal_()
+    cache.v.normal_()
+    q, k, v = torch.randn(meta.num_tokens, 4, 8), torch.randn(meta.num_tokens, 2, 8), torch.randn(meta.num_tokens, 2, 8)
+    plain = ReferenceBackend().forward(0, q, k, v, cache, meta)
+    cascaded = ReferenceBackend().forward(0, q, k, v, cache, dataclasses.replace(meta, cascade=plan))
+    assert ((cascaded - plain).norm() / plain.norm()).item() < 1e-5
+
+
+def nested_step() -> tuple[AttentionMetadata, list]:
+    """system prompt (1 page) -> 2 documents (6 pages) -> 2 questions each (3 pages) -> 3 samples each."""
+    system, docs = [1] * PAGE, [[2 + d] * 6 * PAGE for d in range(2)]
+    prompts = [system + doc + [10 + d * 2 + q] * 3 * PAGE for d, doc in enumerate(docs) for q in range(2)]
+    tree = PrefixTree(PagePool(256, PAGE))
+    kvs = []
+    for prompt in prompts:
+        for _ in range(3):
+            kv = tree.acquire(prompt)
+            assert tree.reserve(kv, len(prompt) + 2)
+            tree.publish(kv, prompt)
+            kvs.append(kv)
+    meta = step_metadata([list(kv.page_table()) for kv in kvs], [len(p) + 2 for p in prompts for _ in range(3)],
+                         [1] * 12, PAGE, torch.device("cpu"))
+    return meta, [kv.node.path() for kv in kvs]
+
+
+def level_shapes(plan: CascadePlan) -> list[list[int]]:
+    """Pages of each group request, level by level."""
+    return [[len(pages) for _, pages in requests] for requests in group_requests(plan)]
+
+
+def test_levels_nest_like_the_tree() -> None:
+    meta, paths = nested_step()
+    plan = plan_for(meta, paths, CascadeRule(1, 1, max_levels=4))
+    assert plan is not None and level_shapes(plan) == [[1], [6, 6], [3, 3, 3, 3]]
+    assert_each_page_read_once(meta, plan)
+
+
+def test_runs_too_short_for_a_pass_fold_into_the_level_below() -> None:
+    # The system prompt saves 11 x 4 tokens and each question 2 x 12: both under 100, so the
+    # system prompt's page joins each document's pass and the questions join the own tails.
+    meta, paths = nested_step()
+    plan = plan_for(meta, paths, CascadeRule(100, 1, max_levels=4))
+    assert plan is not None and level_shapes(plan) == [[7, 7]]
+    assert_each_page_read_once(meta, plan)
+    # With two levels at most, the two depths that save most stay: documents (240) and questions (96).
+    plan = plan_for(meta, paths, CascadeRule(1, 1, max_levels=2))
+    assert plan is not None and level_shapes(plan) == [[7, 7], [3, 3, 3, 3]]
+    assert_each_page_read_once(meta, plan)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generation_unchanged_with_cascade(tiny_model_factory, family: str) -> None:
+    """Shared system prompt + n samples: the same tokens with cascade attention on (forced) and off."""
+    model = str(tiny_model_factory(family))
+    rng = random.Random(5)
+    system = [rng.randrange(3, 200) for _ in range(41)]
+    prompts = [{"prompt_token_ids": system + [rng.randrange(3, 200) for _ in range(rng.randint(1, 12))]}
+               for _ in range(6)]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 3 + \
+             [SamplingParams(temperature=0.9, seed=i, n=3, max_tokens=12, ignore_eos=True) for i in range(3)]
+    outputs, stats = {}, {}
+    for cascade in (False, True):
+        llm = cpu_llm(model, disable_cascade_attn=not cascade, max_num_batched_tokens=64)
+        if cascade:
+            llm.engine.runner.cascade = CascadeRule(1, 1)  # the tiny prompts are far below the real rule
+        outputs[cascade] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats[cascade] = llm.engine.stats()
+    assert outputs[True] == outputs[False]
+    assert stats[False]["cascade_steps"] == 0
+    assert stats[True]["cascade_steps"] > 0
+    assert stats[True]["kv_pages_read"] < stats[True]["kv_pages_listed"]
