@@ -109,19 +109,15 @@ class DecodeGraphs:
 
     def _plan_level(self, wrapper, depth: int, level: CascadeLevel | None, rows: int, size: int) -> None:
         """Plan a level's requests, then a filler over rows..size and empty requests up to size requests."""
-        real = 0 if level is None else level.num_requests
-        extra = size - real
-        scratch = self.kv_cache.scratch_page
-        qo_tail = torch.full((extra,), size, dtype=torch.int32)
-        kv_tail = torch.arange(1, extra + 1, dtype=torch.int32)
-        indices = torch.full((extra,), scratch, dtype=torch.int32)
+        extra = size - (0 if level is None else level.num_requests)
+        indices = torch.full((extra,), self.kv_cache.scratch_page, dtype=torch.int32)
         last = torch.ones(extra, dtype=torch.int32)
         if level is None:  # capture: `size` one-row requests over the scratch page
             qo = torch.arange(size + 1, dtype=torch.int32)
             kv_ptr = torch.arange(size + 1, dtype=torch.int32)
         else:
-            qo = torch.cat([level.qo_indptr, qo_tail])
-            kv_ptr = torch.cat([level.kv_indptr, kv_tail + level.kv_indptr[-1]])
+            qo = torch.cat([level.qo_indptr, torch.full((extra,), size, dtype=torch.int32)])
+            kv_ptr = torch.cat([level.kv_indptr, torch.arange(1, extra + 1, dtype=torch.int32) + level.kv_indptr[-1]])
             indices = torch.cat([level.kv_indices, indices])
             last = torch.cat([level.kv_last_page_len, last])
         self.backend.plan_level(wrapper, qo, kv_ptr, indices, last, self.kv_cache)

@@ -21,17 +21,23 @@ def _batch(vocab: int) -> tuple[list[dict], list[SamplingParams]]:
     return prompts, params
 
 
-@pytest.mark.parametrize("pool", [2048, 40], ids=["roomy_pool", "preempting_pool"])
-def test_async_scheduling_matches_sync(tiny_model_factory, monkeypatch: pytest.MonkeyPatch, pool: int) -> None:
-    model = str(tiny_model_factory("llama"))
-    launched: list[int] = []
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of each step that was queued ahead and resolved later (async scheduling at work)."""
+    rows: list[int] = []
     resolve = Engine._resolve
 
     def counting_resolve(self: Engine, step):  # noqa: ANN001
-        launched.append(len(step.seqs))
+        rows.append(len(step.seqs))
         return resolve(self, step)
 
     monkeypatch.setattr(Engine, "_resolve", counting_resolve)
+    return rows
+
+
+@pytest.mark.parametrize("pool", [2048, 40], ids=["roomy_pool", "preempting_pool"])
+def test_async_scheduling_matches_sync(tiny_model_factory, launched: list[int], pool: int) -> None:
+    model = str(tiny_model_factory("llama"))
     outputs = {}
     for async_scheduling in (False, True):
         llm = cpu_llm(model, num_gpu_blocks_override=pool, async_scheduling=async_scheduling,
@@ -52,20 +58,12 @@ def test_async_scheduling_matches_sync(tiny_model_factory, monkeypatch: pytest.M
     assert any(o.outputs[0].finish_reason == "stop" for o in outputs[True])
 
 
-def test_forked_samples_run_ahead(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forked_samples_run_ahead(tiny_model_factory, launched: list[int]) -> None:
     """n > 1 forks at the first draw, which needs the tokens on the host: that step runs in sync.
     The forked samples then run ahead like any sequence, drawing the same tokens."""
     model = str(tiny_model_factory("llama"))
     params = SamplingParams(temperature=1.0, seed=3, n=3, max_tokens=6, ignore_eos=True)
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": [9, 8, 7]}]
-    launched: list[int] = []
-    resolve = Engine._resolve
-
-    def counting_resolve(self: Engine, step):  # noqa: ANN001
-        launched.append(len(step.seqs))
-        return resolve(self, step)
-
-    monkeypatch.setattr(Engine, "_resolve", counting_resolve)
     outs = []
     for async_scheduling in (False, True):
         llm = cpu_llm(model, async_scheduling=async_scheduling)
