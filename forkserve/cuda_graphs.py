@@ -18,7 +18,7 @@ import torch
 
 from forkserve.attention.base import AttentionMetadata
 from forkserve.attention.cascade import CascadeLevel
-from forkserve.attention.flashinfer import FlashInferBackend
+from forkserve.attention.flashinfer import FLASHINFER_WRAPPER_BYTES, FlashInferBackend
 from forkserve.engine.pages import KVCache
 from forkserve.model.llama import LlamaForCausalLM
 
@@ -33,6 +33,13 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    @staticmethod
+    def reserved_bytes(max_batch: int, max_pages_per_seq: int, max_levels: int) -> int:
+        """Device memory the graphs hold besides their activations (which the step reserve covers):
+        each size's attention wrappers and the page-index buffers allocated below."""
+        wrappers = len(graph_batch_sizes(max_batch)) * (1 + max_levels)
+        return wrappers * FLASHINFER_WRAPPER_BYTES + (1 + max_levels) * max_batch * max_pages_per_seq * 4
+
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: FlashInferBackend,
                  max_batch: int, max_pages_per_seq: int, device: torch.device, max_levels: int = 0) -> None:
         self.model, self.kv_cache, self.backend = model, kv_cache, backend

@@ -22,6 +22,7 @@ from forkserve.engine.pages import KVCache
 from forkserve.transfer import to_device
 
 WORKSPACE_BYTES = 768 << 20  # split-kv partials of a 1024-row decode step need ~320 MB
+FLASHINFER_WRAPPER_BYTES = 8 << 20  # FlashInfer gives every wrapper a schedule buffer of this size on the device
 
 
 class FlashInferBackend(AttentionBackend):

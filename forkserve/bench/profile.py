@@ -45,22 +45,21 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def kernel_times_ms(prof: profile) -> dict[str, float]:
-    """Total GPU kernel time by kind (memcpy/memset included in 'other')."""
-    totals = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[kernel_kind(event.name)] += event.device_time / 1000.0
-    return totals
-
-
-def top_kernels_ms(prof: profile, top: int) -> list[tuple[str, float]]:
-    """The GPU kernels with the most total time."""
+def kernel_totals_ms(prof: profile) -> dict[str, float]:
+    """Total GPU time of each kernel (memcpy/memset included), by name."""
     totals: dict[str, float] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] = totals.get(event.name, 0.0) + event.device_time / 1000.0
-    return sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return totals
+
+
+def kernel_times_ms(totals: dict[str, float]) -> dict[str, float]:
+    """Total GPU kernel time by kind (memcpy/memset included in 'other')."""
+    kinds = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    for name, ms in totals.items():
+        kinds[kernel_kind(name)] += ms
+    return kinds
 
 
 def profile_decode(llm: LLM, batch: int, context: int, steps: int, temperature: float, shared: int = 0,
@@ -86,9 +85,10 @@ def profile_decode(llm: LLM, batch: int, context: int, steps: int, temperature: 
             walls.append((time.perf_counter() - start) * 1000)
     if host_profile:
         print_host_profile(engine, steps, host_profile)
-    kernels = {k: v / steps for k, v in kernel_times_ms(prof).items()}
+    totals = kernel_totals_ms(prof)
+    kernels = {k: v / steps for k, v in kernel_times_ms(totals).items()}
     if host_profile:
-        for name, ms in top_kernels_ms(prof, host_profile):
+        for name, ms in sorted(totals.items(), key=lambda item: -item[1])[:host_profile]:
             print(f"KERNEL {ms / steps:8.3f} ms/step  {name[:150]}", flush=True)
     running = len(engine.scheduler.running)
     for rid in list(engine.requests):

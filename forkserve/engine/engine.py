@@ -25,7 +25,7 @@ from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
 from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
-from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
 from forkserve.sampling_params import SamplingParams
 
@@ -121,9 +121,12 @@ class Engine:
         if not self._uses_graphs():
             return None
         assert isinstance(backend, FlashInferBackend)
-        max_pages = -(-self.max_model_len // self.config.block_size)
-        return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, max_pages, self.device,
-                            cascade.max_levels if cascade is not None else 0)
+        return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, self._max_pages_per_seq,
+                            self.device, cascade.max_levels if cascade is not None else 0)
+
+    @property
+    def _max_pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.config.block_size)
 
     def _uses_graphs(self) -> bool:
         """Decode steps replay CUDA graphs with FlashInfer on a GPU, unless enforce_eager."""
@@ -569,10 +572,6 @@ class EngineCounters:
         self.step_series.append((time.perf_counter(), decodes, prefills))
 
 
-# FlashInfer gives every attention wrapper an 8 MiB schedule buffer on the device.
-FLASHINFER_WRAPPER_BYTES = 8 << 20
-
-
 def _activation_reserve(engine: Engine) -> int:
     """Bytes kept free for activations and logits of the largest step, and for the CUDA graphs'
     attention wrappers and index buffers (rough, on the safe side)."""
@@ -582,9 +581,7 @@ def _activation_reserve(engine: Engine) -> int:
     graphs = 0
     if engine._uses_graphs():
         levels = engine.cascade_rule.max_levels if engine.cascade_rule is not None else 0
-        max_pages = -(-engine.max_model_len // cfg.block_size)
-        wrappers = len(graph_batch_sizes(cfg.max_num_seqs)) * (1 + levels)
-        graphs = wrappers * FLASHINFER_WRAPPER_BYTES + (1 + levels) * cfg.max_num_seqs * max_pages * 4
+        graphs = DecodeGraphs.reserved_bytes(cfg.max_num_seqs, engine._max_pages_per_seq, levels)
     return cfg.max_num_batched_tokens * per_token + logits + graphs
 
 
