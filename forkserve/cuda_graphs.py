@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 
+import numpy as np
 import torch
 
 from forkserve.attention.base import AttentionMetadata
@@ -21,6 +22,7 @@ from forkserve.attention.cascade import CascadeLevel
 from forkserve.attention.flashinfer import FLASHINFER_WRAPPER_BYTES, FlashInferBackend
 from forkserve.engine.pages import KVCache
 from forkserve.model.llama import LlamaForCausalLM
+from forkserve.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -98,39 +100,68 @@ class DecodeGraphs:
     def _plan(self, size: int, rows: int, meta: AttentionMetadata | None) -> None:
         """Plan the own-pages decode of `rows` real rows (all pages without a cascade plan), padded to size:
         each padded row reads one token of the scratch page."""
-        pad = size - rows
-        indptr_tail = torch.arange(1, pad + 1, dtype=torch.int32)
-        indices = torch.full((pad,), self.kv_cache.scratch_page, dtype=torch.int32)
-        last = torch.ones(pad, dtype=torch.int32)
-        if meta is None:
-            indptr = torch.cat([torch.zeros(1, dtype=torch.int32), indptr_tail])
-        else:
-            plan = meta.cascade
-            kv_indptr, kv_indices = (meta.kv_indptr, meta.kv_indices) if plan is None else (plan.own_indptr,
-                                                                                              plan.own_indices)
-            indptr = torch.cat([kv_indptr, indptr_tail + kv_indptr[-1]])
-            indices = torch.cat([kv_indices, indices])
-            last = torch.cat([meta.kv_last_page_len, last])
         decode, _ = self.wrappers[size]
-        self.backend.plan_decode(decode, indptr, indices, last, self.kv_cache)
+        indptr, indices, last = self._decode_tables(size, rows, meta)
+        if meta is None:  # capture: FlashInfer's own plan, then prove the direct re-plan matches it
+            self.backend.plan_decode(decode, *(torch.from_numpy(a) for a in (indptr, indices, last)), self.kv_cache)
+            self.backend.check_replan(decode, *self._schedule_inputs(np.arange(size + 1, dtype=np.int32), indptr, last),
+                                      self.kv_cache.page_size, causal=False)
+            return
+        self._fill([(self.kv_indptr, indptr), (self.kv_last_page_len, last), (self.kv_indices, indices)])
+        self.backend.replan_graph_wrapper(decode, *self._schedule_inputs(np.arange(size + 1, dtype=np.int32), indptr,
+                                                                         last), self.kv_cache.page_size, causal=False)
+
+    def _decode_tables(self, size: int, rows: int, meta: AttentionMetadata | None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Page-table CSR (indptr, indices, last page lengths) of the step's rows plus the padded ones."""
+        pad = size - rows
+        indptr, indices = np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.int32)
+        last = np.zeros(0, dtype=np.int32)
+        if meta is not None:
+            plan = meta.cascade
+            indptr, indices = (meta.kv_indptr, meta.kv_indices) if plan is None else (plan.own_indptr, plan.own_indices)
+            indptr, indices, last = indptr.numpy(), indices.numpy(), meta.kv_last_page_len.numpy()
+        return (np.concatenate([indptr, indptr[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
+                np.concatenate([indices, np.full(pad, self.kv_cache.scratch_page, dtype=np.int32)]),
+                np.concatenate([last, np.ones(pad, dtype=np.int32)]))
+
+    def _fill(self, buffers_and_arrays: list[tuple[torch.Tensor, np.ndarray]]) -> None:
+        """Copy int32 host arrays into the start of device buffers, through one pinned staging copy."""
+        staged = to_device(np.concatenate([array for _, array in buffers_and_arrays]), self.kv_indptr.device)
+        at = 0
+        for buffer, array in buffers_and_arrays:
+            buffer[:array.shape[0]].copy_(staged[at:at + array.shape[0]])
+            at += array.shape[0]
+
+    def _schedule_inputs(self, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last: np.ndarray
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What FlashInfer's scheduler takes: host qo and KV indptr, and KV tokens per request."""
+        kv_lens = (np.diff(kv_indptr) - 1) * self.kv_cache.page_size + last
+        return torch.from_numpy(qo_indptr), torch.from_numpy(kv_indptr), torch.from_numpy(kv_lens.astype(np.int32))
 
     def _plan_level(self, wrapper, depth: int, level: CascadeLevel | None, rows: int, size: int) -> None:
         """Plan a level's requests, then a filler over rows..size and empty requests up to size requests."""
-        extra = size - (0 if level is None else level.num_requests)
-        indices = torch.full((extra,), self.kv_cache.scratch_page, dtype=torch.int32)
-        last = torch.ones(extra, dtype=torch.int32)
+        scratch = self.kv_cache.scratch_page
         if level is None:  # capture: `size` one-row requests over the scratch page
-            qo = torch.arange(size + 1, dtype=torch.int32)
-            kv_ptr = torch.arange(size + 1, dtype=torch.int32)
-        else:
-            qo = torch.cat([level.qo_indptr, torch.full((extra,), size, dtype=torch.int32)])
-            kv_ptr = torch.cat([level.kv_indptr, torch.arange(1, extra + 1, dtype=torch.int32) + level.kv_indptr[-1]])
-            indices = torch.cat([level.kv_indices, indices])
-            last = torch.cat([level.kv_last_page_len, last])
-        self.backend.plan_level(wrapper, qo, kv_ptr, indices, last, self.kv_cache)
+            qo = kv_ptr = np.arange(size + 1, dtype=np.int32)
+            indices, last = np.full(size, scratch, dtype=np.int32), np.ones(size, dtype=np.int32)
+            self.backend.plan_level(wrapper, *(torch.from_numpy(a) for a in (qo, kv_ptr, indices, last)), self.kv_cache)
+            self.backend.check_replan(wrapper, *self._schedule_inputs(qo, kv_ptr, last), self.kv_cache.page_size,
+                                      causal=False)
+            self.level_member[depth, :size].fill_(False)
+            return
+        extra = size - level.num_requests
+        level_kv_indptr = level.kv_indptr.numpy()
+        qo = np.concatenate([level.qo_indptr.numpy(), np.full(extra, size, dtype=np.int32)])
+        kv_ptr = np.concatenate([level_kv_indptr, level_kv_indptr[-1] + np.arange(1, extra + 1, dtype=np.int32)])
+        indices = np.concatenate([level.kv_indices.numpy(), np.full(extra, scratch, dtype=np.int32)])
+        last = np.concatenate([level.kv_last_page_len.numpy(), np.ones(extra, dtype=np.int32)])
+        self._fill([(self.level_qo_indptr[depth], qo), (self.level_kv_indptr[depth], kv_ptr),
+                    (self.level_last_page_len[depth], last), (self.level_kv_indices[depth], indices)])
+        self.backend.replan_graph_wrapper(wrapper, *self._schedule_inputs(qo, kv_ptr, last), self.kv_cache.page_size,
+                                          causal=False)
         member = self.level_member[depth]
-        if level is not None:
-            member[:rows].copy_(level.member)
+        member[:rows].copy_(level.member)
         member[rows:size].fill_(False)
 
     def can_run(self, meta: AttentionMetadata) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata
-from forkserve.attention.cascade import CascadeRule, plan_cascade
+from forkserve.attention.cascade import CascadePlanner
 from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.engine.pages import KVCache
 from forkserve.engine.scheduler import ScheduledSeq
@@ -21,12 +21,12 @@ PLACEHOLDER = -1  # token id of a draw still on the GPU; the next step reads it 
 
 
 def build_metadata(batch: list[ScheduledSeq], kv_cache: KVCache, device: torch.device,
-                   cascade: CascadeRule | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+                   cascade: CascadePlanner | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Flat input ids and positions of the step's new tokens, plus where their KV lives.
 
     The only per-sequence Python work is slicing C arrays; everything per token is numpy, and
-    ids, positions and slots reach the device in one copy. With a cascade rule, the sharing
-    among the batch's tree paths that the rule finds worth it becomes the step's cascade plan.
+    ids, positions and slots reach the device in one copy. With a cascade planner, the sharing
+    among the batch's tree paths that its rule finds worth it becomes the step's cascade plan.
     """
     num_seqs, page_size = len(batch), kv_cache.page_size
     input_ids: list[int] = []
@@ -60,9 +60,8 @@ def build_metadata(batch: list[ScheduledSeq], kv_cache: KVCache, device: torch.d
         page_size=page_size,
     )
     if cascade is not None and num_seqs > 1:
-        paths = [item.seq.kv.node.path() if item.path is None else item.path for item in batch]
-        meta.cascade = plan_cascade(paths, kv_indptr, pages, query_start, page_size, kv_cache.scratch_page, device,
-                                    cascade)
+        meta.cascade = cascade.plan([item.seq.kv.node for item in batch], kv_indptr, pages, query_start, page_size,
+                                    kv_cache.scratch_page, device)
     return on_device[0], on_device[1], meta
 
 
@@ -82,7 +81,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: AttentionBackend,
                  sampler: ForkingSampler, device: torch.device, graphs: DecodeGraphs | None = None,
-                 cascade: CascadeRule | None = None) -> None:
+                 cascade: CascadePlanner | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend

@@ -12,7 +12,7 @@ from attention_steps import shared_prefix_step, step_metadata
 from cpu_llm import cpu_llm
 from forkserve import SamplingParams
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import CascadePlan, CascadeRule, plan_cascade
+from forkserve.attention.cascade import CascadePlan, CascadePlanner, CascadeRule, path_order, plan_cascade
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.engine.pages import KVCache, PagePool
 from forkserve.engine.tree import PrefixTree
@@ -143,6 +143,57 @@ def test_runs_too_short_for_a_pass_fold_into_the_level_below() -> None:
     assert_each_page_read_once(meta, plan)
 
 
+def plan_arrays(plan: CascadePlan) -> list[list[int]]:
+    arrays = [plan.own_indptr.tolist(), plan.own_indices.tolist(), [plan.pages_read, plan.pages_listed]]
+    for level in plan.levels:
+        arrays += [t.tolist() for t in (level.qo_indptr, level.kv_indptr, level.kv_indices, level.kv_last_page_len,
+                                        level.member)]
+    return arrays
+
+
+def test_planner_reuses_what_the_nodes_determine_and_replans_when_they_change() -> None:
+    """Decode steps that only grow own pages reuse the levels; a new node in the batch re-plans.
+    Each plan equals plan_cascade's for the same step."""
+    rule, cpu = CascadeRule(1, 1, max_levels=4), torch.device("cpu")
+    tree = PrefixTree(PagePool(512, PAGE))
+    system, docs = [1] * 2 * PAGE, [[2 + d] * 3 * PAGE for d in range(2)]
+    kvs, lens = [], []
+    for d in range(2):
+        for _ in range(3):
+            kv = tree.acquire(system + docs[d])
+            assert tree.reserve(kv, len(system + docs[d]) + 1)
+            tree.publish(kv, system + docs[d])
+            kvs.append(kv)
+            lens.append(len(system + docs[d]) + 1)
+    planner = CascadePlanner(rule)
+
+    def step() -> tuple[CascadePlan, CascadePlan]:
+        meta = step_metadata([list(kv.page_table()) for kv in kvs], lens, [1] * len(kvs), PAGE, cpu)
+        args = (meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(), PAGE, SCRATCH, cpu)
+        nodes = [kv.node for kv in kvs]
+        assert planner.order(nodes) == path_order([node.path() for node in nodes])
+        return planner.plan(nodes, *args), plan_cascade([node.path() for node in nodes], *args, rule)
+
+    first, expected = step()
+    assert first is not None and plan_arrays(first) == plan_arrays(expected)
+    for _ in range(2 * PAGE):  # decode steps: each sequence's own tail grows, over page boundaries
+        lens = [n + 1 for n in lens]
+        for kv, n in zip(kvs, lens):
+            assert tree.reserve(kv, n)
+        plan, expected = step()
+        assert plan_arrays(plan) == plan_arrays(expected)
+        assert all(a is b for a, b in zip(plan.levels, first.levels)), "levels re-planned for unchanged nodes"
+    # A new sequence on a third document: the batch's nodes change, so the plan is made afresh.
+    kv = tree.acquire(system + [9] * 3 * PAGE)
+    assert tree.reserve(kv, len(system) + 3 * PAGE + 1)
+    tree.publish(kv, system + [9] * 3 * PAGE)
+    kvs.append(kv)
+    lens.append(len(system) + 3 * PAGE + 1)
+    plan, expected = step()
+    assert plan_arrays(plan) == plan_arrays(expected)
+    assert plan.levels[0] is not first.levels[0]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_generation_unchanged_with_cascade(tiny_model_factory, family: str) -> None:
     """Shared system prompt + n samples: the same tokens with cascade attention on (forced) and off."""
@@ -157,7 +208,7 @@ def test_generation_unchanged_with_cascade(tiny_model_factory, family: str) -> N
     for cascade in (False, True):
         llm = cpu_llm(model, disable_cascade_attn=not cascade, max_num_batched_tokens=64)
         if cascade:
-            llm.engine.runner.cascade = CascadeRule(1, 1)  # the tiny prompts are far below the real rule
+            llm.engine.runner.cascade = CascadePlanner(CascadeRule(1, 1))  # the tiny prompts are far below the real rule
         outputs[cascade] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
         stats[cascade] = llm.engine.stats()
     assert outputs[True] == outputs[False]

@@ -10,7 +10,7 @@ import torch
 from attention_steps import shared_prefix_step, step_metadata
 from forkserve import LLM, SamplingParams
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import CascadeRule, plan_cascade
+from forkserve.attention.cascade import CascadePlanner, CascadeRule, plan_cascade
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.engine.pages import KVCache
 
@@ -93,6 +93,64 @@ def test_flashinfer_cascade_matches_plain_reference(decode: bool) -> None:
         rel = relative_error(got, expected)
         assert rel < 1e-2, f"{len(plan.levels)} levels: relative error {rel:.2e}"
     assert levels_seen > 0, "no random tree had sharing"
+
+
+@pytest.mark.parametrize("kind", ["decode", "level"])
+def test_direct_replan_equals_flashinfer_plan(kind: str) -> None:
+    """A CUDA-graph wrapper re-planned directly (what decode graph replays use) gets FlashInfer
+    plan()'s schedule for fresh random lengths, and attends the same."""
+    from forkserve.attention.flashinfer import FlashInferBackend
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    hq, hkv, d, ps, rows, num_pages = 32, 8, 128, 16, 64, 4096
+    fi = FlashInferBackend(hq, hkv, d, dtype, device)
+    cache = KVCache(num_pages, ps, 1, hkv, d, dtype, device)
+    cache.k.normal_()
+    cache.v.normal_()
+
+    def buffers():
+        return (torch.zeros(rows + 1, dtype=torch.int32, device=device),
+                torch.zeros(rows + 1, dtype=torch.int32, device=device),
+                torch.zeros(num_pages, dtype=torch.int32, device=device),
+                torch.zeros(rows, dtype=torch.int32, device=device))
+
+    def wrapper(qo, indptr, indices, last):
+        if kind == "decode":
+            return fi.graph_decode_wrapper(indptr, indices, last)
+        return fi.graph_level_wrapper(qo, indptr, indices, last)
+
+    def plan(w, qo, indptr, indices, last):
+        if kind == "decode":
+            fi.plan_decode(w, indptr, indices, last, cache)
+        else:
+            fi.plan_level(w, qo, indptr, indices, last, cache)
+
+    bufs = [buffers(), buffers()]
+    official, direct = (wrapper(*b) for b in bufs)
+    for trial in range(4):
+        pages_per_row = torch.randint(1, 1 + (8 if trial == 0 else 60), (rows,), dtype=torch.int32)
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages_per_row.cumsum(0).to(torch.int32)])
+        indices = torch.randperm(num_pages, dtype=torch.int32)[:int(indptr[-1])]
+        last = torch.randint(1, ps + 1, (rows,), dtype=torch.int32)
+        if kind == "decode":
+            qo = torch.arange(rows + 1, dtype=torch.int32)
+        else:  # ragged queries, some requests empty, `rows` tokens in all
+            cuts = sorted(random.choices(range(rows + 1), k=rows - 1))
+            qo = torch.tensor([0] + cuts + [rows], dtype=torch.int32)
+        if trial == 0:  # the capture-time plan both wrappers start from
+            plan(official, qo, indptr, indices, last)
+            plan(direct, qo, indptr, indices, last)
+            continue
+        plan(official, qo, indptr, indices, last)
+        for buffer, host in zip(bufs[1], (qo, indptr, indices, last)):
+            buffer[:host.shape[0]].copy_(host)
+        kv_lens = (pages_per_row - 1) * ps + last
+        fi.replan_graph_wrapper(direct, qo, indptr, kv_lens, ps, causal=False)
+        torch.cuda.synchronize()
+        assert list(direct._plan_info) == list(official._plan_info)
+        q = torch.randn(rows, hq, d, device=device, dtype=dtype)
+        expected = official.run(q, (cache.k[0], cache.v[0]))
+        assert torch.equal(direct.run(q, (cache.k[0], cache.v[0])), expected)
 
 
 def test_fused_kernels_match_reference_layers() -> None:
@@ -180,7 +238,7 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
 
     graphs.run = recording_replay
     if cascade:
-        llm.engine.runner.cascade = CascadeRule(1, 1)  # tiny prompts are far below the real rule
+        llm.engine.runner.cascade = CascadePlanner(CascadeRule(1, 1))  # tiny prompts are far below the real rule
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert (llm.engine.stats()["cascade_steps"] > 0) == cascade
     assert (max(replayed_levels) > 0) == cascade, "decode steps with shared levels never replayed a graph"

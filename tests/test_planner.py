@@ -254,6 +254,21 @@ def test_members_wait_for_the_leader_then_share_its_pages() -> None:
     assert_no_pins_left(scheduler.tree)
 
 
+def test_parked_members_hold_seats_so_whole_groups_run_together() -> None:
+    """4 groups of 4 with seats for 8: only 2 groups start (leaders, then their members), not
+    every group's leader; the other 2 start once seats free up."""
+    groups = [[10 * g + 1] * 16 for g in range(4)]
+    seqs = make_seqs([groups[g] + [100 + 4 * g + i] for g in range(4) for i in range(4)], [2] * 16)
+    scheduler = make_scheduler(256, max_num_seqs=8, budget=1024, min_shared_prefix_len=8)
+    scheduler.add_batch(seqs)
+    started: list[set[int]] = []
+    while scheduler.has_work():
+        step(scheduler)
+        started.append({s.token_ids[0] for s in scheduler.running})
+    assert started[0] == {1, 11} and max(len(running) for running in started[:2]) == 2
+    assert set().union(*started) == {1, 11, 21, 31}
+
+
 def test_prefixes_shorter_than_the_threshold_are_not_shared_groups() -> None:
     """A short shared prefix saves too little to make its members wait for a leader: they are
     admitted together, while the members of a prefix at the threshold wait for theirs."""
@@ -277,7 +292,8 @@ def test_plan_is_depth_first_and_largest_decode_ratio_first() -> None:
 
 
 def test_idle_pinned_prefix_gives_way_instead_of_deadlocking() -> None:
-    """Group 2's prefix is pinned while only group 1 runs and needs more pages than are left.
+    """Group 2's prefix is pinned (its leader ran beside group 1 and finished) while only group 1
+    runs and needs more pages than are left.
 
     Without giving the idle pin up, group 1's sequences could not grow or be admitted, and the
     scheduler would make no progress (the pool holds 20 pages; the pin holds 12).
@@ -285,7 +301,7 @@ def test_idle_pinned_prefix_gives_way_instead_of_deadlocking() -> None:
     p1, p2 = [1] * 24, [2] * 48
     prompts = [p1 + [3] * 4, p1 + [4] * 4, p1 + [5] * 4, p2 + [6] * 4, p2 + [7] * 4]
     seqs = make_seqs(prompts, [1, 40, 40, 1, 1])
-    scheduler = make_scheduler(20, max_num_seqs=2, reserve_output_kv=False, min_shared_prefix_len=8)
+    scheduler = make_scheduler(20, max_num_seqs=4, reserve_output_kv=False, min_shared_prefix_len=8)
     scheduler.add_batch(seqs)
     drive(scheduler)
     assert scheduler.planner.pins_dropped >= 1
@@ -294,17 +310,21 @@ def test_idle_pinned_prefix_gives_way_instead_of_deadlocking() -> None:
 
 
 def test_pinned_prefix_outlasts_lru_while_its_members_wait() -> None:
-    """Group B's prefix sits idle (its leader finished, its members queue behind group A) while
-    A's decodes grow past the pool: A preempts its own newest member rather than let LRU evict
-    B's prefix, so B's members still find all of it cached."""
+    """Group B's prefix sits idle (pinned, no live sequence on it) while A's decodes grow past the
+    pool: A preempts its own newest member rather than let LRU evict B's prefix, so B's members
+    still find all of it cached."""
     a, b = [1] * 16, [2] * 32
     prompts = [a + [3] * 4, a + [4] * 4, a + [5] * 4, b + [6] * 4, b + [7] * 4, b + [8] * 4]
-    seqs = make_seqs(prompts, [20, 20, 1, 1, 1, 1])
-    scheduler = make_scheduler(22, max_num_seqs=2, reserve_output_kv=False, min_shared_prefix_len=8)
+    seqs = make_seqs(prompts, [30, 30, 1, 1, 1, 1])
+    scheduler = make_scheduler(20, max_num_seqs=2, reserve_output_kv=False, min_shared_prefix_len=8)
     scheduler.add_batch(seqs)
-    assert step(scheduler) == [seqs[0], seqs[3]]  # both groups' leaders
-    drive(scheduler)
-    assert scheduler.num_preemptions > 0 and scheduler.planner.pins_dropped == 0
+    idle_pin_at_preemption = False
+    while scheduler.has_work():
+        preemptions = scheduler.num_preemptions
+        step(scheduler)
+        if scheduler.num_preemptions > preemptions:
+            idle_pin_at_preemption |= any(p.node.ref_count == 0 for p in scheduler.planner._pinned)
+    assert idle_pin_at_preemption and scheduler.planner.pins_dropped == 0
     assert [s.request.num_cached_tokens for s in seqs[4:]] == [32, 32]
     assert_no_pins_left(scheduler.tree)
 

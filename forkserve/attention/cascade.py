@@ -87,6 +87,15 @@ class _Group:
     seqs: list[int]
 
 
+@dataclass
+class Sharing:
+    """Which of a batch's rows share which pages, as plans use it: per kept depth its groups, and
+    per row the page its own part starts at. It depends only on the rows' tree paths."""
+
+    levels: list[list[_Group]]
+    cuts: np.ndarray  # [B] int64
+
+
 def path_order(paths: Sequence[list[TreeNode]]) -> list[int]:
     """Indices that sort sequences by tree path, so that all sequences under a node are adjacent."""
     keys = [tuple(map(id, path)) for path in paths]
@@ -101,6 +110,15 @@ def plan_cascade(paths: Sequence[list[TreeNode]], kv_indptr: np.ndarray, kv_indi
     paths[b] is sequence b's path in the tree (`TreeNode.path()`): computed, page-aligned KV that
     its page table kv_indices[kv_indptr[b]:kv_indptr[b+1]] starts with.
     """
+    sharing = find_sharing(paths, page_size, rule)
+    if sharing is None:
+        return None
+    levels = _build_levels(sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page, device)
+    return _with_own_pages(levels, sharing, kv_indptr, kv_indices)
+
+
+def find_sharing(paths: Sequence[list[TreeNode]], page_size: int, rule: CascadeRule) -> Sharing | None:
+    """The groups of each depth the rule keeps, or None when no sharing is worth a pass."""
     sharers: dict[TreeNode, int] = {}
     for path in paths:
         for node in path:
@@ -138,7 +156,7 @@ def plan_cascade(paths: Sequence[list[TreeNode]], kv_indptr: np.ndarray, kv_indi
             group.seqs.append(b)
             start = end
         cuts[b] = start
-    return _build(levels, cuts, kv_indptr, kv_indices, query_start, page_size, scratch_page, device)
+    return Sharing([list(groups.values()) for groups in levels], cuts)
 
 
 def _depths_worth_a_level(candidates: list[list[tuple[TreeNode, int, int]]], page_size: int,
@@ -158,21 +176,19 @@ def _depths_worth_a_level(candidates: list[list[tuple[TreeNode, int, int]]], pag
     return sorted(sorted(worth, key=lambda d: -saved[d])[:rule.max_levels])
 
 
-def _build(levels: list[dict[TreeNode, _Group]], cuts: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray,
-           query_start: np.ndarray, page_size: int, scratch_page: int, device: torch.device) -> CascadePlan:
-    """Each level's tiling of the batch, and the own pages; every level's member mask reaches the device in one copy."""
-    num_seqs = len(cuts)
+def _build_levels(sharing: Sharing, kv_indptr: np.ndarray, kv_indices: np.ndarray, query_start: np.ndarray,
+                  page_size: int, scratch_page: int, device: torch.device) -> list[CascadeLevel]:
+    """Each level's tiling of the batch; every level's member mask reaches the device in one copy."""
+    num_seqs = len(sharing.cuts)
     query_lens = np.diff(query_start)
     host_levels, members = [], []
-    pages_read = 0
-    for groups in levels:
+    for groups in sharing.levels:
         group_of_seq = np.full(num_seqs, -1, dtype=np.int64)
         group_pages = []
-        for g, group in enumerate(groups.values()):
+        for g, group in enumerate(groups):
             group_of_seq[group.seqs] = g
             first = kv_indptr[group.seqs[0]]
             group_pages.append(kv_indices[first + group.start_page:first + group.end_page])
-            pages_read += group.end_page - group.start_page
         run_starts = np.flatnonzero(np.diff(group_of_seq, prepend=-2) != 0)  # first sequence of each request
         run_group = group_of_seq[run_starts]
         pages = [group_pages[g] if g >= 0 else np.array([scratch_page], dtype=np.int32) for g in run_group]
@@ -183,15 +199,65 @@ def _build(levels: list[dict[TreeNode, _Group]], cuts: np.ndarray, kv_indptr: np
                             np.where(run_group >= 0, page_size, 1).astype(np.int32)))
         members.append(np.repeat(group_of_seq, query_lens) >= 0)
     on_device = to_device(np.stack(members), device)
-    plan_levels = [CascadeLevel(*(torch.from_numpy(a) for a in arrays), member=on_device[d])
-                   for d, arrays in enumerate(host_levels)]
+    return [CascadeLevel(*(torch.from_numpy(a) for a in arrays), member=on_device[d])
+            for d, arrays in enumerate(host_levels)]
+
+
+def _with_own_pages(levels: list[CascadeLevel], sharing: Sharing, kv_indptr: np.ndarray,
+                    kv_indices: np.ndarray) -> CascadePlan:
+    """The plan: the levels, and each sequence's pages from its cut on."""
+    cuts = sharing.cuts
     num_pages = np.diff(kv_indptr)
     position = np.arange(len(kv_indices)) - np.repeat(kv_indptr[:-1], num_pages)
     own = kv_indices[position >= np.repeat(cuts, num_pages)]
-    own_indptr = np.zeros(num_seqs + 1, dtype=np.int32)
+    own_indptr = np.zeros(len(cuts) + 1, dtype=np.int32)
     np.cumsum(num_pages - cuts, out=own_indptr[1:])
-    return CascadePlan(plan_levels, torch.from_numpy(own_indptr), torch.from_numpy(np.ascontiguousarray(own)),
-                       pages_read + len(own), len(kv_indices))
+    pages_read = sum(group.end_page - group.start_page for groups in sharing.levels for group in groups) + len(own)
+    return CascadePlan(levels, torch.from_numpy(own_indptr), torch.from_numpy(np.ascontiguousarray(own)),
+                       pages_read, len(kv_indices))
+
+
+class CascadePlanner:
+    """Each step's batch order and cascade plan, reusing what the batch's tree nodes determine.
+
+    Through decode a batch keeps its sequences and they keep their tree nodes (only their own
+    pages grow) for many steps, and walking a thousand tree paths a step costs milliseconds of
+    host time. So the path order, the sharing, and the levels (the shared pages' tables and
+    member masks) are kept while the nodes, in order, and the query lengths stay the same; only
+    each row's own pages are rebuilt. Node identity is a sufficient key: a node's pages never
+    change, and a split of a node on a row's path inserts its head above it for every row that
+    passes through, so the sharing among the rows is the same.
+    """
+
+    def __init__(self, rule: CascadeRule) -> None:
+        self.rule = rule
+        self._order_nodes: list[TreeNode] = []
+        self._order: list[int] = []
+        self._plan_nodes: list[TreeNode] = []
+        self._sharing: Sharing | None = None
+        self._query_lens: np.ndarray | None = None
+        self._levels: list[CascadeLevel] = []
+
+    def order(self, nodes: list[TreeNode]) -> list[int]:
+        """Rows of a scheduled batch (given by each row's tree node) in path order (`path_order`)."""
+        if nodes != self._order_nodes:
+            self._order_nodes, self._order = nodes, path_order([node.path() for node in nodes])
+        return self._order
+
+    def plan(self, nodes: list[TreeNode], kv_indptr: np.ndarray, kv_indices: np.ndarray, query_start: np.ndarray,
+             page_size: int, scratch_page: int, device: torch.device) -> CascadePlan | None:
+        """`plan_cascade` for rows whose tree nodes are `nodes`."""
+        if nodes != self._plan_nodes:
+            self._plan_nodes, self._query_lens = nodes, None
+            self._sharing = find_sharing([node.path() for node in nodes], page_size, self.rule)
+        if self._sharing is None:
+            return None
+        query_lens = np.diff(query_start)
+        if self._query_lens is None or not np.array_equal(query_lens, self._query_lens):
+            self._query_lens = query_lens
+            self._levels = _build_levels(self._sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page,
+                                         device)
+        return _with_own_pages(self._levels, self._sharing, kv_indptr, kv_indices)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor,

@@ -9,11 +9,12 @@ A step with a cascade plan (forkserve/attention/cascade.py) runs the same kernel
 sequence's own pages with the log-sum-exp returned, then one prefill-kernel pass per shared
 level (each group's queries a ragged request, non-causal, over its shared pages), merged in
 place into the member rows by FlashInfer's merge_state_in_place. The same calls run eagerly
-and inside the decode CUDA graphs.
+and inside the decode CUDA graphs, whose wrappers are re-planned each replay by calling
+FlashInfer's scheduler directly (`replan_graph_wrapper`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -96,23 +97,67 @@ class FlashInferBackend(AttentionBackend):
                    self.head_dim, kv_cache.page_size, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
 
     def _plan(self, wrapper, *index_tensors_and_shape, **options) -> None:
-        """wrapper.plan, safe while the host runs a step ahead of the GPU.
+        """wrapper.plan, safe while the host runs a step ahead of the GPU (see `_staged_plan`).
 
-        Index tensors are pinned so their copies never wait for the stream. A plan stages its
-        schedule in the wrapper's pinned buffer, which its next plan rewrites, so that one first
-        waits until the GPU has taken the previous copy (a step earlier: by then it nearly always
-        has). Waiting per wrapper matters: a step plans several wrappers (cascade levels), and
-        waiting on this step's own earlier plan would wait for the GPU to reach this step.
+        Index tensors are pinned so their copies never wait for the stream.
         """
         args = [a.pin_memory() if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_pinned() else a
                 for a in index_tensors_and_shape]
+        self._staged_plan(wrapper, lambda: wrapper.plan(*args, **options))
+
+    def _staged_plan(self, wrapper, plan: Callable[[], object]) -> None:
+        """Run a plan of `wrapper` once the GPU has taken its previous one.
+
+        A plan stages its schedule in the wrapper's pinned buffer, which its next plan rewrites,
+        so that one first waits until the GPU has taken the previous copy (a step earlier: by then
+        it nearly always has). Waiting per wrapper matters: a step plans several wrappers (cascade
+        levels), and waiting on this step's own earlier plan would wait for the GPU to reach this step.
+        """
         staged = self._staged.get(id(wrapper))
         if staged is not None:
             staged.synchronize()
-        wrapper.plan(*args, **options)
+        plan()
         staged = torch.cuda.Event()
         staged.record()
         self._staged[id(wrapper)] = staged
+
+    def replan_graph_wrapper(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+                             kv_lens: torch.Tensor, page_size: int, causal: bool) -> None:
+        """Plan a CUDA-graph wrapper (planned once through `plan` at capture) for a step's
+        lengths, its index buffers already filled on the device by the caller.
+
+        FlashInfer's `plan` re-derives on the host what the caller already knows, with a Python
+        `max` over a tensor (about 3 ms per call at 1,000 rows, several calls a step). For a
+        graph wrapper only the kernel schedule changes between steps, so this runs FlashInfer's
+        scheduler directly on host int32 tensors: qo_indptr and kv_indptr [R + 1], kv_lens [R]
+        (KV tokens per request). `check_replan` proves at capture that both give one schedule.
+        """
+        self._staged_plan(wrapper, lambda: self._schedule(wrapper, qo_indptr, kv_indptr, kv_lens, page_size, causal))
+
+    def _schedule(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_lens: torch.Tensor,
+                  page_size: int, causal: bool) -> None:
+        """FlashInfer 0.6.14's scheduler call as its plan() makes it for a CUDA-graph wrapper
+        (fa2 takes three more arguments than fa3); the wrapper keeps the returned plan info."""
+        batch_size = kv_lens.shape[0]
+        total_rows = getattr(wrapper, "_max_total_num_rows", None) or batch_size
+        args = [wrapper._float_workspace_buffer, wrapper._int_workspace_buffer,
+                wrapper._pin_memory_int_workspace_buffer, qo_indptr, kv_indptr, kv_lens, total_rows, batch_size,
+                self.num_q_heads, self.num_kv_heads, page_size, True, self.head_dim, self.head_dim, causal, -1]
+        if wrapper._backend == "fa2":
+            args += [-1, False, 0]  # no fixed split size, split-kv allowed, no co-located CTAs
+        wrapper._plan_info = wrapper._cached_module.plan(*args)
+
+    def check_replan(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_lens: torch.Tensor,
+                     page_size: int, causal: bool) -> None:
+        """Raise unless `replan_graph_wrapper` reproduces the schedule of the wrapper's last `plan`
+        (called with these lengths): guards against a FlashInfer whose internals moved."""
+        torch.cuda.synchronize()
+        official = list(wrapper._plan_info)
+        self._schedule(wrapper, qo_indptr, kv_indptr, kv_lens, page_size, causal)
+        torch.cuda.synchronize()
+        if list(wrapper._plan_info) != official:
+            raise RuntimeError(f"FlashInfer {self._flashinfer.__version__}: direct re-planning of CUDA-graph "
+                               "wrappers differs from plan(); this forkserve needs flashinfer-python 0.6.14")
 
     def run(self, wrapper, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
             slot_mapping: torch.Tensor, levels: Sequence[tuple[object, torch.Tensor]] = ()) -> torch.Tensor:

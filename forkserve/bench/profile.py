@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from forkserve.api import LLM
-from forkserve.attention.cascade import CascadeRule
+from forkserve.attention.cascade import CascadePlanner, CascadeRule
 from forkserve.bench.run import model_dir_from_config
 from forkserve.sampling_params import SamplingParams
 
@@ -109,7 +109,8 @@ def print_host_profile(engine, steps: int, top: int) -> None:
     for _ in range(steps):
         engine.step()
     host.disable()
-    pstats.Stats(host).sort_stats("tottime").print_stats(top)
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(host).sort_stats(order).print_stats(top)
 
 
 def main() -> None:
@@ -138,7 +139,7 @@ def main() -> None:
     for context in (int(c) for c in args.context.split(",")):
         for batch in batches:
             for cascade in args.cascade.split(","):
-                llm.engine.runner.cascade = CascadeRule() if cascade == "on" else None
+                llm.engine.runner.cascade = CascadePlanner(CascadeRule()) if cascade == "on" else None
                 row = profile_decode(llm, batch, context, args.steps, args.temperature, args.shared, args.group,
                                      args.host_profile)
                 row["cascade"] = cascade

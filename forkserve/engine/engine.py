@@ -11,7 +11,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from forkserve.attention.base import AttentionBackend
-from forkserve.attention.cascade import CascadeRule, path_order
+from forkserve.attention.cascade import CascadePlanner, CascadeRule
 from forkserve.attention.flashinfer import FlashInferBackend
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device,
@@ -72,7 +72,8 @@ class Engine:
         backend = self._make_backend()
         sampler = ForkingSampler(Sampler(config.seed, self.device), config.max_num_seqs)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device,
-                                  self._make_graphs(backend, self.cascade_rule), self.cascade_rule)
+                                  self._make_graphs(backend, self.cascade_rule),
+                                  None if self.cascade_rule is None else CascadePlanner(self.cascade_rule))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
@@ -301,9 +302,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if self.runner.cascade is not None and len(batch) > 1:
             # Sequences under one tree node adjacent: each shared group is one attention request.
-            for item in batch:
-                item.path = item.seq.kv.node.path()
-            batch = [batch[i] for i in path_order([item.path for item in batch])]
+            batch = [batch[i] for i in self.runner.cascade.order([item.seq.kv.node for item in batch])]
         samplers = [item.seq for item in batch if item.samples]
         finished: list[RequestOutput] = []
         had_in_flight = self._in_flight is not None
@@ -326,11 +325,12 @@ class Engine:
             rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
             launched = self.runner.launch(batch, rows, previous.launched if previous else None)
             self._advance(batch)
+            max_model_len = self.max_model_len
             for row, seq in enumerate(samplers):
                 seq.token_ids.append(PLACEHOLDER)
                 seq.num_pending += 1
                 seq.pending_row = row
-                seq.final_in_flight = self._stop_by_length(seq, seq.request.params)
+                seq.final_in_flight = _reaches_length(len(seq.token_ids), seq, max_model_len)
             self._in_flight = InFlightStep(samplers, launched)
             return finished + (self._resolve(previous) if previous else [])
         draws = [self._draw_request(seq) for seq in samplers]
@@ -371,22 +371,22 @@ class Engine:
     def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
         """Put a queued step's draws in place of its placeholders, then run the stop checks.
 
-        A sequence may have queued one more step meanwhile (one more placeholder); if this
-        token ends it, that step's token is dropped. Aborted sequences are skipped.
+        A sequence may have queued one more step meanwhile (one more placeholder after this one);
+        if this token ends it, that step's token is dropped. Aborted sequences are skipped.
         """
         result = step.launched.result()
+        ended = []
         for row, seq in enumerate(step.seqs):
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
                 continue
-            at = len(seq.token_ids) - seq.num_pending
-            newer = seq.token_ids[at + 1:]
-            del seq.token_ids[at:]
-            seq.num_pending -= 1 + len(newer)
-            self._append_token(seq, result, row)
-            if not seq.is_finished:
-                seq.token_ids += newer
-                seq.num_pending += len(newer)
-        return self._finished_outputs(step.seqs)
+            seq.num_pending -= 1
+            seq.token_ids[len(seq.token_ids) - seq.num_pending - 1] = result.token_ids[row]
+            if self._took_token(seq, result, row):
+                if seq.num_pending:
+                    del seq.token_ids[-seq.num_pending:]
+                    seq.num_pending = 0
+                ended.append(seq)
+        return self._finished_outputs(ended)
 
     def _finished_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         finished: list[RequestOutput] = []
@@ -411,22 +411,32 @@ class Engine:
 
     def _sampling_row(self, seq: Sequence, seed: int | None) -> SamplingRow:
         params = seq.request.params
-        blocked: Seq[int] = ()
         if seq.num_output_tokens < params.min_tokens:
             blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
-        return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked)
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked)
+        if seed != seq.seed:
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+        # A row reads the sequence's tokens when drawn, so its own row serves every step.
+        if seq.sampling_row is None:
+            seq.sampling_row = SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+        return seq.sampling_row
 
     def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
+        seq.token_ids.append(result.token_ids[row])
+        self._took_token(seq, result, row)
+
+    def _took_token(self, seq: Sequence, result: SamplerOutput, row: int) -> bool:
+        """Account for seq's newest known token (draws still pending after it do not count); True if it ends seq."""
         token = result.token_ids[row]
-        params = seq.request.params
-        seq.token_ids.append(token)
         seq.cumulative_logprob += result.logprobs[row]
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(token, result, row))
-        reason, stop = self._stop_reason(seq, token, params)
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop
-            self.scheduler.finish(seq, hold=seq.request.hold)
+        reason, stop = self._stop_reason(seq, token, seq.request.params)
+        if reason is None:
+            return False
+        seq.finish_reason, seq.stop_reason = reason, stop
+        self.scheduler.finish(seq, hold=seq.request.hold)
+        return True
 
     def _logprob_entry(self, token: int, result: SamplerOutput, row: int) -> dict[int, Logprob]:
         entry = {token: Logprob(result.logprobs[row], result.ranks[row], self._decode_one(token))}
@@ -439,8 +449,9 @@ class Engine:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
 
     def _stop_reason(self, seq: Sequence, token: int, params: SamplingParams) -> tuple[str | None, int | str | None]:
-        """vLLM's order: stop token ids, EOS, stop strings, then length limits."""
-        if seq.num_output_tokens >= params.min_tokens:
+        """vLLM's order: stop token ids, EOS, stop strings, then length limits (of the known tokens)."""
+        known = len(seq.token_ids) - seq.num_pending
+        if known - seq.num_prompt_tokens >= params.min_tokens:
             if token in params.stop_token_ids:
                 return "stop", token
             if not params.ignore_eos and token in self.stop_token_ids:
@@ -449,14 +460,9 @@ class Engine:
                 hit = self._find_stop_string(seq, params)
                 if hit is not None:
                     return "stop", hit
-        if self._stop_by_length(seq, params):
+        if _reaches_length(known, seq, self.max_model_len):
             return "length", None
         return None, None
-
-    def _stop_by_length(self, seq: Sequence, params: SamplingParams) -> bool:
-        """seq's tokens (pending draws included) reach max_tokens or max_model_len."""
-        return (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
-            or len(seq.token_ids) >= self.max_model_len
 
     def _find_stop_string(self, seq: Sequence, params: SamplingParams) -> str | None:
         """Decode the output so far; cut the text at the earliest stop string that appeared."""
@@ -570,6 +576,12 @@ class EngineCounters:
         self.decode_tokens += decodes
         self.prefill_tokens += prefills
         self.step_series.append((time.perf_counter(), decodes, prefills))
+
+
+def _reaches_length(num_tokens: int, seq: Sequence, max_model_len: int) -> bool:
+    """With num_tokens tokens (prompt included), seq reaches max_tokens or max_model_len."""
+    max_tokens = seq.request.params.max_tokens
+    return (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens) or num_tokens >= max_model_len
 
 
 def _activation_reserve(engine: Engine) -> int:

@@ -24,16 +24,13 @@ from dataclasses import dataclass
 
 from forkserve.engine.planner import MIN_SHARED_PREFIX_LEN, Planner
 from forkserve.engine.sequence import Sequence, SequenceStatus
-from forkserve.engine.tree import PrefixTree, TreeNode
+from forkserve.engine.tree import PrefixTree
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
-    # The sequence's tree path this step, when the engine orders the batch by it (shared-prefix
-    # attention plans from the same paths, so they are walked once a step).
-    path: list[TreeNode] | None = None
 
     @property
     def samples(self) -> bool:
@@ -80,6 +77,7 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         preempted = False
         i = 0
+        page_size = self.tree.page_size
         # Forks can leave more than max_num_seqs running; the rest wait for a later step.
         while i < len(self.running) and budget > 0 and len(batch) < self.max_num_seqs:
             seq = self.running[i]
@@ -87,7 +85,9 @@ class Scheduler:
                 i += 1
                 continue
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            while not self._reserve(seq, seq.num_computed_tokens + n):
+            end = seq.num_computed_tokens + n
+            # Most decode steps fit in the pages a sequence holds: only past them is a reservation made.
+            while end > seq.kv.capacity(page_size) and not self._reserve(seq, end):
                 if self.running[-1] is seq and self.planner.drop_idle_pin():
                     continue  # nothing else left to preempt: a pinned prefix nobody is on gives way
                 # Preempt from the back: those were admitted last and are not scheduled yet.
@@ -131,7 +131,11 @@ class Scheduler:
 
     def _admit(self, batch: list[ScheduledSeq], budget: int) -> None:
         committed: int | None = None  # pages the running sequences may still need, counted when first needed
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # Members parked on a prefix being computed hold seats: they run as soon as it is published.
+        # So a new group starts only where its members fit beside them, and whole groups run together
+        # (each decode step then reads fewer shared prefixes, each for more sequences).
+        while self.waiting and budget > 0 and \
+                len(self.running) + (self.planner.num_parked if self.running else 0) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.kv is None:
                 if not self.planner.gate(seq):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from forkserve.engine.tree import SeqKV
 from forkserve.outputs import Logprob
+from forkserve.sampler import SamplingRow
 from forkserve.sampling_params import SamplingParams
 
 
@@ -42,6 +43,7 @@ class Sequence:
     num_pending: int = 0
     pending_row: int = -1
     final_in_flight: bool = False
+    sampling_row: SamplingRow | None = None  # its draws' row once past min_tokens (Engine._sampling_row)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from forkserve.engine.pages import OutOfPages, PagePool
 
 CopyPages = Callable[[list[int], list[int]], None]
+EVICTION_BATCH = 64  # an eviction frees at least this fraction (1/64) of the pool
 
 
 class TreeNode:
@@ -213,11 +214,17 @@ class PrefixTree:
         return True
 
     def _make_room(self, num_pages: int) -> bool:
-        """Free enough cached pages that num_pages can be allocated; evicts nothing if impossible."""
+        """Free enough cached pages that num_pages can be allocated; evicts nothing if impossible.
+
+        An eviction scans every node, and a full pool of cache would otherwise pay that scan
+        for each page a decode step fills: so it frees at least 1/EVICTION_BATCH of the pool
+        (least recently used first) while it is at it.
+        """
         if num_pages > self.pool.num_free + self._evictable_pages:
             return False
         if num_pages > self.pool.num_free:
-            self.evict(num_pages - self.pool.num_free)
+            batch = min(self.pool.num_pages // EVICTION_BATCH, self._evictable_pages)
+            self.evict(max(num_pages - self.pool.num_free, batch))
         return True
 
     def publish(self, seq: SeqKV, tokens: Sequence[int]) -> None:

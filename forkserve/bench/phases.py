@@ -1,0 +1,139 @@
+"""Where a decode step's wall time goes on the host, phase by phase, on a bench workload.
+
+Run on the GPU machine:
+    python -m forkserve.bench.phases CONFIG_DIR --workloads sharedprefix,samples [--kernels-at 60]
+Each workload runs as the bench builds it (one planned batch). The step's phases (scheduling,
+step metadata with cascade planning, graph planning and replay, sampling, reading tokens back)
+are wrapped in wall-clock timers; per phase it prints the mean milliseconds over decode-only
+steps of at least --min-rows rows. `to_host` is the host blocked on the GPU for the previous
+step's tokens: when it is large, steps run at GPU time. A CUDA event recorded as each step call
+starts gives the GPU clock from one step's queued work to the next's (the GPU time per step
+when the host is ahead). --kernels-at N adds a per-kernel profile of steps N..N+2. Timers cost
+microseconds per call; phases nest (build_metadata includes the cascade plan, DecodeGraphs.run
+the graph's FlashInfer planning).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import forkserve.runner as runner_module
+from forkserve.api import LLM
+from forkserve.attention.cascade import CascadePlanner
+from forkserve.attention.flashinfer import FlashInferBackend
+from forkserve.bench.profile import kernel_totals_ms
+from forkserve.bench.run import model_dir_from_config
+from forkserve.bench.workloads import build
+from forkserve.cuda_graphs import DecodeGraphs
+from forkserve.engine.engine import Engine
+from forkserve.engine.scheduler import Scheduler
+from forkserve.sampler import Draws, Sampler
+from forkserve.sampling_params import SamplingParams
+
+PHASES: list[tuple[object, str]] = [
+    (Scheduler, "schedule"), (runner_module, "build_metadata"), (CascadePlanner, "plan"),
+    (FlashInferBackend, "_staged_plan"), (DecodeGraphs, "run"), (Sampler, "draw"), (Draws, "to_host"),
+    (Engine, "_resolve"), (Engine, "_advance"),
+]
+
+
+@contextlib.contextmanager
+def timed_phases(totals: dict[str, float]) -> Iterator[None]:
+    """Add each phase's wall seconds to totals[name] while inside; the originals come back after."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name in PHASES]
+
+    def timer(label: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - start
+        return timed
+
+    for owner, name, fn in originals:
+        label = f"{getattr(owner, '__name__', owner)}.{name}".removeprefix("forkserve.")
+        setattr(owner, name, timer(label, fn))
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
+def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: int | None) -> None:
+    engine = llm.engine
+    workload = build(name)
+    engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
+                          SamplingParams(temperature=workload.temperature, n=r.n, max_tokens=r.max_tokens,
+                                         ignore_eos=True))
+                         for i, r in enumerate(workload.requests)])
+    steps: list[tuple[float, int, int, dict[str, float]]] = []  # wall, decode rows, prefill tokens, phases
+    marks: list[torch.cuda.Event] = []  # recorded on the stream as each step call starts (never waited on here)
+    profiler = None
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        if kernels_at is not None and len(steps) == kernels_at:
+            profiler = profile(activities=[ProfilerActivity.CUDA])
+            profiler.__enter__()
+        phases: dict[str, float] = defaultdict(float)
+        decodes, prefills = engine.counters.decode_tokens, engine.counters.prefill_tokens
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[-1].record()
+        t = time.perf_counter()
+        with timed_phases(phases):
+            engine.step()
+        wall = time.perf_counter() - t
+        steps.append((wall, engine.counters.decode_tokens - decodes, engine.counters.prefill_tokens - prefills,
+                      phases))
+        if profiler is not None and len(steps) == kernels_at + 3:
+            profiler.__exit__(None, None, None)
+            totals = kernel_totals_ms(profiler)
+            print(f"{name}: kernels of steps {kernels_at}-{kernels_at + 2}, "
+                  f"{sum(totals.values()) / 3:.2f} ms per step", flush=True)
+            for kernel, ms in sorted(totals.items(), key=lambda item: -item[1])[:16]:
+                print(f"   {ms / 3:8.3f} ms  {kernel[:110]}", flush=True)
+            profiler = None
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    gpu_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)
+              if steps[i][2] == 0 and steps[i][1] >= min_rows]
+    decode = [s for s in steps if s[2] == 0 and s[1] >= min_rows]
+    prefill = [s for s in steps if s[2] > 0]
+    print(f"{name}: {seconds:.2f} s, {len(steps)} steps; {len(prefill)} with prefill "
+          f"({sum(s[0] for s in prefill):.2f} s); {len(decode)} decode steps of >= {min_rows} rows: "
+          f"mean {statistics.mean(s[1] for s in decode):.0f} rows, "
+          f"wall {statistics.mean(s[0] for s in decode) * 1e3:.2f} ms", flush=True)
+    print(f"   GPU clock from one step's queued work to the next's: median {statistics.median(gpu_ms):.2f} ms",
+          flush=True)
+    for label in sorted({label for s in decode for label in s[3]}):
+        print(f"   {label:32s} {statistics.mean(s[3].get(label, 0.0) for s in decode) * 1e3:8.2f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_config")
+    parser.add_argument("--workloads", default="sharedprefix,samples")
+    parser.add_argument("--min-rows", type=int, default=500)
+    parser.add_argument("--kernels-at", type=int, default=None, metavar="STEP")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(str(model_dir_from_config(args.model_config, Path(tmp) / "model")), load_format="dummy",
+                  skip_tokenizer_init=True, dtype="bfloat16", max_num_seqs=1024, max_num_batched_tokens=16384, seed=0)
+    warmup = [{"prompt_token_ids": r.prompt_token_ids} for r in build("nosharing", 8).requests]
+    llm.generate(warmup, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # kernels built first
+    for name in args.workloads.split(","):
+        run_workload(llm, name, args.min_rows, args.kernels_at)
+
+
+if __name__ == "__main__":
+    main()
