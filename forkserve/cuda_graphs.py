@@ -4,10 +4,11 @@ Decode batches are padded up to a captured size. Padded rows read and write only
 scratch page, so they never touch a real sequence's pages. The LM head stays outside the graph:
 its output is large and its single GEMM gains nothing from capture.
 
-Each size is captured with 0..max_levels shared-prefix levels (forkserve/attention/cascade.py),
-so cascade decode steps replay a graph too. A level's kernel takes a fixed number of ragged
-requests (the batch size): a plan's requests are followed by one filler over the padded rows
-and then empty requests, all over the scratch page and outside the merge mask.
+Each size is captured with each of FlashInfer's two decode kernels, chosen per step by the
+rows' mean page count and number (`uses_tensor_cores`), and, when cascade attention is on, both
+plain and with the shared-prefix levels (forkserve/attention/cascade.py) that the Triton
+shared-level kernel reads from fixed buffers (`DecodeLevels`), so cascade decode steps replay a
+graph too.
 """
 from __future__ import annotations
 
@@ -18,96 +19,111 @@ import numpy as np
 import torch
 
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import CascadeLevel
-from forkserve.attention.flashinfer import FLASHINFER_WRAPPER_BYTES, FlashInferBackend
+from forkserve.attention.flashinfer import FLASHINFER_WRAPPER_BYTES, DecodeLevels, FlashInferBackend
 from forkserve.engine.pages import KVCache
 from forkserve.model.llama import LlamaForCausalLM
-from forkserve.transfer import to_device
+from forkserve.transfer import fill_from_host
 
 logger = logging.getLogger(__name__)
 
+# When FlashInfer's CUDA-core decode kernel beats its tensor-core one: up to this many KV pages
+# per row on average, and at large batches (enough rows to fill the GPU) up to the second. H100,
+# one layer (`scripts/attention_probe.py own`, CUDA-core vs tensor-core ms): 1,024 rows of ~11
+# pages 0.264 vs 0.337; 704 rows of 1-33 pages 0.284 vs 0.301, 24-32 0.447 vs 0.459, 40-48
+# 0.701 vs 0.704; 140 rows of 7-130 pages 0.336 vs 0.234.
+CUDA_CORE_DECODE_MAX_PAGES = 24
+CUDA_CORE_DECODE_MAX_PAGES_LARGE_BATCH = (512, 48)  # (rows from, mean pages up to)
+
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
-    """Small sizes densely (latency), large ones every 32 rows (little padding waste)."""
-    sizes = [s for s in (1, 2, 4, 8, 16, 24) if s < max_batch]
-    sizes += list(range(32, max_batch, 32))
-    return sizes + [max_batch]
+    """1, 2, 4, then every 8 rows to 256 and every 16 beyond (as vLLM captures). Padding costs
+    more than the padded rows: cuBLAS picks its tiles by row count, and on an H100 a layer's
+    GEMMs take 416 us at 683 rows but 457 us at 704 (`scripts/attention_probe.py gemm`)."""
+    sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, max_batch, 16))
+    return [s for s in sizes if s < max_batch] + [max_batch]
 
 
 class DecodeGraphs:
     @staticmethod
-    def reserved_bytes(max_batch: int, max_pages_per_seq: int, max_levels: int) -> int:
+    def _level_pages(max_batch: int, max_pages_per_seq: int, max_levels: int) -> int:
+        """Shared pages a step's levels may list: each group (of >= 2 rows) its pages once."""
+        return max_levels * (max_batch // 2) * max_pages_per_seq
+
+    @staticmethod
+    def reserved_bytes(max_batch: int, max_pages_per_seq: int, max_levels: int, num_q_heads: int,
+                       head_dim: int) -> int:
         """Device memory the graphs hold besides their activations (which the step reserve covers):
-        each size's attention wrappers and the page-index buffers allocated below."""
-        wrappers = len(graph_batch_sizes(max_batch)) * (1 + max_levels)
-        return wrappers * FLASHINFER_WRAPPER_BYTES + (1 + max_levels) * max_batch * max_pages_per_seq * 4
+        the decode wrappers' shared schedule buffer, the page-index buffers and the shared levels'
+        buffers."""
+        wrappers = FLASHINFER_WRAPPER_BYTES  # one schedule buffer serves every graph wrapper
+        levels = DecodeLevels.bytes_needed(max_batch, DecodeGraphs._level_pages(max_batch, max_pages_per_seq,
+                                                                                max_levels),
+                                           max_levels, num_q_heads, head_dim) if max_levels else 0
+        return wrappers + max_batch * max_pages_per_seq * 4 + levels
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: FlashInferBackend,
                  max_batch: int, max_pages_per_seq: int, device: torch.device, max_levels: int = 0) -> None:
         self.model, self.kv_cache, self.backend = model, kv_cache, backend
         self.sizes = graph_batch_sizes(max_batch)
         self.max_batch, self.max_levels = max_batch, max_levels
+        self.cuda_core_max_pages = CUDA_CORE_DECODE_MAX_PAGES
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.kv_indptr = torch.zeros(max_batch + 1, dtype=torch.int32, device=device)
         self.kv_indices = torch.zeros(max_batch * max_pages_per_seq, dtype=torch.int32, device=device)
         self.kv_last_page_len = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        # Per shared level, shared by every size (each size plans into slices of them).
-        self.level_qo_indptr = torch.zeros(max_levels, max_batch + 1, dtype=torch.int32, device=device)
-        self.level_kv_indptr = torch.zeros(max_levels, max_batch + 1, dtype=torch.int32, device=device)
-        self.level_kv_indices = torch.zeros(max_levels, max_batch * max_pages_per_seq, dtype=torch.int32, device=device)
-        self.level_last_page_len = torch.zeros(max_levels, max_batch, dtype=torch.int32, device=device)
-        self.level_member = torch.zeros(max_levels, max_batch, dtype=torch.bool, device=device)
+        # Every graph writes its hidden states here, so none keeps an output of its own in the graph
+        # pool (hundreds of graphs would hold a gigabyte) and all share the pool's intermediates.
+        self.hidden = torch.zeros(max_batch, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype,
+                                  device=device)
+        self.levels = DecodeLevels(max_batch, self._level_pages(max_batch, max_pages_per_seq, max_levels), max_levels,
+                                   backend.num_q_heads, backend.head_dim, device) if max_levels else None
         self.scratch_slot = kv_cache.scratch_page * kv_cache.page_size
-        self.wrappers: dict[int, tuple[object, list[object]]] = {}  # size -> decode wrapper, level wrappers
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (size, levels)
+        self.wrappers: dict[tuple[int, bool], object] = {}  # (size, tensor cores) -> decode wrapper
+        # (size, tensor cores, with levels) -> graph; all write their output to self.hidden
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
         self._capture_all()
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
+        variants = [(cores, levels) for cores in (True, False) for levels in (False, True)
+                    if self.levels is not None or not levels]
         for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
-            decode = self.backend.graph_decode_wrapper(self.kv_indptr[:size + 1], self.kv_indices,
-                                                       self.kv_last_page_len[:size])
-            levels = [self.backend.graph_level_wrapper(self.level_qo_indptr[d, :size + 1],
-                                                       self.level_kv_indptr[d, :size + 1], self.level_kv_indices[d],
-                                                       self.level_last_page_len[d, :size])
-                      for d in range(self.max_levels)]
-            self.wrappers[size] = (decode, levels)
             self.slots[:size].fill_(self.scratch_slot)
-            for num_levels in range(self.max_levels + 1):
-                self._plan(size, 0, None)
-                for d in range(num_levels):
-                    self._plan_level(levels[d], d, None, 0, size)
+            for tensor_cores, with_levels in variants:
+                if (size, tensor_cores) not in self.wrappers:
+                    self.wrappers[(size, tensor_cores)] = self.backend.graph_decode_wrapper(
+                        self.kv_indptr[:size + 1], self.kv_indices, self.kv_last_page_len[:size], tensor_cores)
+                decode = self.wrappers[(size, tensor_cores)]
+                self._plan(decode, size, 0, None)  # at capture the levels' buffers hold no work
 
-                def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size=size,
-                              active=[(levels[d], self.level_member[d, :size]) for d in range(num_levels)]
-                              ) -> torch.Tensor:
-                    return self.backend.run(decode, layer, q, k, v, self.kv_cache, self.slots[:size], active)
+                def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size=size, decode=decode,
+                              levels=self.levels if with_levels else ()) -> torch.Tensor:
+                    return self.backend.run(decode, layer, q, k, v, self.kv_cache, self.slots[:size], levels)
 
                 self.model(self.input_ids[:size], self.positions[:size], attention)  # warm-up outside the graph
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    hidden = self.model(self.input_ids[:size], self.positions[:size], attention)
+                    self.hidden[:size].copy_(self.model(self.input_ids[:size], self.positions[:size], attention))
                 pool = graph.pool()
-                self.graphs[(size, num_levels)] = (graph, hidden)
+                self.graphs[(size, tensor_cores, with_levels)] = graph
         torch.cuda.synchronize()
-        logger.info("captured decode CUDA graphs for batch sizes %s, with 0-%d shared-prefix levels",
-                    self.sizes, self.max_levels)
+        logger.info("captured decode CUDA graphs for batch sizes %s, with both decode kernels%s", self.sizes,
+                    f", each also with up to {self.max_levels} shared-prefix levels" if self.levels else "")
 
-    def _plan(self, size: int, rows: int, meta: AttentionMetadata | None) -> None:
+    def _plan(self, decode, size: int, rows: int, meta: AttentionMetadata | None) -> None:
         """Plan the own-pages decode of `rows` real rows (all pages without a cascade plan), padded to size:
         each padded row reads one token of the scratch page."""
-        decode, _ = self.wrappers[size]
         indptr, indices, last = self._decode_tables(size, rows, meta)
         if meta is None:  # capture: FlashInfer's own plan, then prove the direct re-plan matches it
             self.backend.plan_decode(decode, *(torch.from_numpy(a) for a in (indptr, indices, last)), self.kv_cache)
             self.backend.check_replan(decode, *self._schedule_inputs(np.arange(size + 1, dtype=np.int32), indptr, last),
                                       self.kv_cache.page_size, causal=False)
             return
-        self._fill([(self.kv_indptr, indptr), (self.kv_last_page_len, last), (self.kv_indices, indices)])
+        fill_from_host([(self.kv_indptr, indptr), (self.kv_last_page_len, last), (self.kv_indices, indices)])
         self.backend.replan_graph_wrapper(decode, *self._schedule_inputs(np.arange(size + 1, dtype=np.int32), indptr,
                                                                          last), self.kv_cache.page_size, causal=False)
 
@@ -125,67 +141,44 @@ class DecodeGraphs:
                 np.concatenate([indices, np.full(pad, self.kv_cache.scratch_page, dtype=np.int32)]),
                 np.concatenate([last, np.ones(pad, dtype=np.int32)]))
 
-    def _fill(self, buffers_and_arrays: list[tuple[torch.Tensor, np.ndarray]]) -> None:
-        """Copy int32 host arrays into the start of device buffers, through one pinned staging copy."""
-        staged = to_device(np.concatenate([array for _, array in buffers_and_arrays]), self.kv_indptr.device)
-        at = 0
-        for buffer, array in buffers_and_arrays:
-            buffer[:array.shape[0]].copy_(staged[at:at + array.shape[0]])
-            at += array.shape[0]
-
     def _schedule_inputs(self, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last: np.ndarray
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What FlashInfer's scheduler takes: host qo and KV indptr, and KV tokens per request."""
         kv_lens = (np.diff(kv_indptr) - 1) * self.kv_cache.page_size + last
         return torch.from_numpy(qo_indptr), torch.from_numpy(kv_indptr), torch.from_numpy(kv_lens.astype(np.int32))
 
-    def _plan_level(self, wrapper, depth: int, level: CascadeLevel | None, rows: int, size: int) -> None:
-        """Plan a level's requests, then a filler over rows..size and empty requests up to size requests."""
-        scratch = self.kv_cache.scratch_page
-        if level is None:  # capture: `size` one-row requests over the scratch page
-            qo = kv_ptr = np.arange(size + 1, dtype=np.int32)
-            indices, last = np.full(size, scratch, dtype=np.int32), np.ones(size, dtype=np.int32)
-            self.backend.plan_level(wrapper, *(torch.from_numpy(a) for a in (qo, kv_ptr, indices, last)), self.kv_cache)
-            self.backend.check_replan(wrapper, *self._schedule_inputs(qo, kv_ptr, last), self.kv_cache.page_size,
-                                      causal=False)
-            self.level_member[depth, :size].fill_(False)
-            return
-        extra = size - level.num_requests
-        level_kv_indptr = level.kv_indptr.numpy()
-        qo = np.concatenate([level.qo_indptr.numpy(), np.full(extra, size, dtype=np.int32)])
-        kv_ptr = np.concatenate([level_kv_indptr, level_kv_indptr[-1] + np.arange(1, extra + 1, dtype=np.int32)])
-        indices = np.concatenate([level.kv_indices.numpy(), np.full(extra, scratch, dtype=np.int32)])
-        last = np.concatenate([level.kv_last_page_len.numpy(), np.ones(extra, dtype=np.int32)])
-        self._fill([(self.level_qo_indptr[depth], qo), (self.level_kv_indptr[depth], kv_ptr),
-                    (self.level_last_page_len[depth], last), (self.level_kv_indices[depth], indices)])
-        self.backend.replan_graph_wrapper(wrapper, *self._schedule_inputs(qo, kv_ptr, last), self.kv_cache.page_size,
-                                          causal=False)
-        member = self.level_member[depth]
-        member[:rows].copy_(level.member)
-        member[rows:size].fill_(False)
-
     def can_run(self, meta: AttentionMetadata) -> bool:
         """Decode steps that fit the captured buffers and levels."""
         if not (meta.is_decode and meta.num_seqs <= self.max_batch
                 and meta.kv_indices.shape[0] + self.max_batch <= self.kv_indices.shape[0]):
             return False
-        levels = meta.cascade.levels if meta.cascade is not None else []
-        return len(levels) <= self.max_levels and \
-            all(level.kv_indices.shape[0] + self.max_batch <= self.level_kv_indices.shape[1] for level in levels)
+        plan = meta.cascade
+        if plan is None:
+            return True
+        return self.levels is not None and len(plan.levels) <= self.max_levels and \
+            len(plan.work.work) <= self.levels.work.shape[0] and len(plan.work.pages) <= self.levels.pages.shape[0]
+
+    def uses_tensor_cores(self, meta: AttentionMetadata) -> bool:
+        """Whether a step's own-pages decode runs FlashInfer's tensor-core kernel (long page lists)
+        rather than its CUDA-core one."""
+        pages, rows = (meta.kv_indices if meta.cascade is None else meta.cascade.own_indices).shape[0], meta.num_seqs
+        large_rows, large_pages = CUDA_CORE_DECODE_MAX_PAGES_LARGE_BATCH
+        cuda_cores = pages <= self.cuda_core_max_pages * rows or (rows >= large_rows and pages <= large_pages * rows)
+        return not cuda_cores
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The decode forward's hidden states for the batch's rows, by graph replay."""
         rows = meta.num_seqs
         size = self.sizes[bisect_left(self.sizes, rows)]
-        levels = meta.cascade.levels if meta.cascade is not None else []
-        graph, hidden = self.graphs[(size, len(levels))]
+        plan = meta.cascade
+        tensor_cores = self.uses_tensor_cores(meta)
+        graph = self.graphs[(size, tensor_cores, plan is not None)]
         self.input_ids[:rows].copy_(input_ids)
         self.positions[:rows].copy_(positions)
         self.slots[:rows].copy_(meta.slot_mapping)
         self.slots[rows:size].fill_(self.scratch_slot)
-        self._plan(size, rows, meta)
-        _, wrappers = self.wrappers[size]
-        for depth, level in enumerate(levels):
-            self._plan_level(wrappers[depth], depth, level, rows, size)
+        self._plan(self.wrappers[(size, tensor_cores)], size, rows, meta)
+        if plan is not None:
+            self.levels.fill(plan.work, size)
         graph.replay()
-        return hidden[:rows]
+        return self.hidden[:rows]

@@ -21,3 +21,14 @@ def to_device(data: Any, device: torch.device, dtype: torch.dtype | None = None)
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def fill_from_host(buffers_and_arrays: list[tuple[torch.Tensor, np.ndarray]]) -> None:
+    """Copy int32 host arrays into the start of int32 device buffers, through one staged copy
+    (one pinned block and one transfer however many buffers a step fills)."""
+    device = buffers_and_arrays[0][0].device
+    staged = to_device(np.concatenate([array.ravel() for _, array in buffers_and_arrays]), device)
+    at = 0
+    for buffer, array in buffers_and_arrays:
+        buffer.view(-1)[:array.size].copy_(staged[at:at + array.size])
+        at += array.size

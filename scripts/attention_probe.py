@@ -1,11 +1,12 @@
-"""Attention kernels alone, on the shapes the engine's decode steps have (one layer, bf16,
-32 q / 8 kv heads, dim 128, pages of 16 tokens): how fast each FlashInfer choice reads KV.
+"""Attention kernels and GEMMs alone, on the shapes the engine's decode steps have (one layer,
+bf16, 32 q / 8 kv heads, dim 128, pages of 16 tokens), timed as CUDA-graph replays.
 
-Own pages: the tensor-core decode (what the engine uses) and the CUDA-core decode, both bound
-to CUDA-graph buffers. Shared level: the ragged prefill kernel (fa3 and fa2) over 16 groups of
-64 queries sharing 125 pages, eager with 16 requests and CUDA-graph bound with 1,024 requests
-(16 groups, then empty ones, as `DecodeGraphs` pads a level). Run on the GPU machine:
-    python scripts/attention_probe.py
+own: FlashInfer's tensor-core decode (with and without split-KV) and CUDA-core decode over rows
+of own pages, bound to CUDA-graph buffers. level: FlashInfer's ragged prefill kernel (fa3, fa2)
+over 16 groups of 64 queries sharing 125 pages, eager and graph-bound. triton: the graph-bound
+FA3 level + merge_state against forkserve's Triton level + merge kernels. gemm: a layer's four
+GEMMs by row count. Run on the GPU machine:
+    python scripts/attention_probe.py [own,level,triton,gemm]
 """
 from __future__ import annotations
 
@@ -14,18 +15,28 @@ from typing import Callable
 import flashinfer
 import torch
 
+from forkserve.attention.cascade import LEVEL_TILE_TOKENS
+from forkserve.kernels import shared_level as sl
+
 DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
 HQ, HKV, DIM, PAGE = 32, 8, 128, 16
 WORKSPACE = torch.zeros(768 << 20, dtype=torch.uint8, device=DEVICE)
 
 
 def ms_per_call(fn: Callable[[], object], iterations: int = 40) -> float:
-    for _ in range(5):
+    """GPU milliseconds per call: `iterations` calls captured in one CUDA graph, so Python's
+    launch overhead (tens of microseconds for a Triton or FlashInfer call) is not counted."""
+    for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iterations):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iterations):
-        fn()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iterations
@@ -46,15 +57,16 @@ def own_pages(name: str, rows: int, low: int, high: int) -> None:
     last = torch.randint(1, PAGE + 1, (rows,), dtype=torch.int32)
     q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
     gigabytes = total * PAGE * HKV * DIM * 2 * 2 / 1e9
-    for tensor_cores in (True, False):
+    for tensor_cores, no_split in ((True, False), (True, True), (False, False)):
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             WORKSPACE, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
             paged_kv_indptr_buffer=indptr.to(DEVICE), paged_kv_indices_buffer=indices.to(DEVICE),
             paged_kv_last_page_len_buffer=last.to(DEVICE))
-        wrapper.plan(indptr, indices.to(DEVICE), last, HQ, HKV, DIM, PAGE, q_data_type=DTYPE, kv_data_type=DTYPE)
+        wrapper.plan(indptr, indices.to(DEVICE), last, HQ, HKV, DIM, PAGE, q_data_type=DTYPE, kv_data_type=DTYPE,
+                     **({"disable_split_kv": True} if no_split else {}))
         ms = ms_per_call(lambda: wrapper.run(q, cache, return_lse=True))
-        print(f"{name}: {rows} rows, {total} pages, decode tensor_cores={tensor_cores}: {ms:.3f} ms "
-              f"({gigabytes / ms:.2f} TB/s)", flush=True)
+        print(f"{name}: {rows} rows, {total} pages, decode tensor_cores={tensor_cores} split-kv={not no_split}: "
+              f"{ms:.3f} ms ({gigabytes / ms:.2f} TB/s)", flush=True)
 
 
 def shared_level(groups: int = 16, per_group: int = 64, shared: int = 125) -> None:
@@ -86,8 +98,97 @@ def shared_level(groups: int = 16, per_group: int = 64, shared: int = 125) -> No
                   f"{ms:.3f} ms", flush=True)
 
 
+def level_work(groups: int, per_group: int, shared: int) -> torch.Tensor:
+    """Work items of the Triton level kernel, cut as `cascade.level_work` cuts them: each group's
+    queries in tiles of LEVEL_TILE_TOKENS over the group's pages, partials in slot 0."""
+    items = [(g * per_group + first, min(LEVEL_TILE_TOKENS, per_group - first), g * shared, shared, 0)
+             for g in range(groups) for first in range(0, per_group, LEVEL_TILE_TOKENS)]
+    return torch.tensor(items, dtype=torch.int32, device=DEVICE)
+
+
+def shared_level_triton(groups: int, per_group: int, shared: int) -> None:
+    """FlashInfer's FA3 level (graph-bound) + merge_state against the Triton level + merge kernels."""
+    rows = groups * per_group
+    cache = kv_cache(groups * shared)
+    q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
+    own = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
+    own_lse = torch.randn(rows, HQ, device=DEVICE) + 8
+    qo = torch.arange(0, rows + 1, per_group, dtype=torch.int32)
+    kv_indptr = torch.arange(0, groups * shared + 1, shared, dtype=torch.int32)
+    pages = torch.randperm(groups * shared, dtype=torch.int32)
+    last = torch.full((groups,), PAGE, dtype=torch.int32)
+    extra = rows - groups
+    padded = (torch.cat([qo, torch.full((extra,), rows, dtype=torch.int32)]),
+              torch.cat([kv_indptr, kv_indptr[-1] + torch.arange(1, extra + 1, dtype=torch.int32)]),
+              torch.cat([pages, torch.full((extra,), groups * shared, dtype=torch.int32)]),
+              torch.cat([last, torch.ones(extra, dtype=torch.int32)]))
+    graph = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        WORKSPACE, "NHD", use_cuda_graph=True, backend="fa3", qo_indptr_buf=padded[0].to(DEVICE),
+        paged_kv_indptr_buf=padded[1].to(DEVICE), paged_kv_indices_buf=torch.zeros_like(padded[2], device=DEVICE),
+        paged_kv_last_page_len_buf=padded[3].to(DEVICE))
+    graph.plan(padded[0], padded[1], padded[2].to(DEVICE), padded[3], HQ, HKV, DIM, PAGE, causal=False,
+               q_data_type=DTYPE, kv_data_type=DTYPE)
+    member = torch.ones(rows, dtype=torch.bool, device=DEVICE)
+    work = level_work(groups, per_group, shared)
+    num_items = torch.tensor([work.shape[0]], dtype=torch.int32, device=DEVICE)
+    pages_dev = pages.to(DEVICE)
+    partial_out = torch.empty(1, rows, HQ, DIM, device=DEVICE)
+    partial_lse = torch.empty(1, rows, HQ, device=DEVICE)
+    counts = torch.ones(rows, dtype=torch.int32, device=DEVICE)
+    out, lse = own.clone(), own_lse.clone()
+
+    def fa3_level() -> tuple[torch.Tensor, torch.Tensor]:
+        return graph.run(q, cache, return_lse=True)
+
+    def triton_level() -> None:
+        sl.shared_level_attention(q, *cache, work, num_items, pages_dev, partial_out, partial_lse)
+
+    part, part_lse = fa3_level()
+    flashinfer.merge_state_in_place(out, lse, part, part_lse, mask=member)
+    expected = out.clone()
+    out.copy_(own)
+    lse.copy_(own_lse)
+    triton_level()
+    sl.merge_partials_(out, lse, partial_out, partial_lse, counts)
+    error = (out.float() - expected.float()).abs().max().item()
+    timings = {"fa3 level": ms_per_call(fa3_level),
+               "merge_state": ms_per_call(lambda: flashinfer.merge_state_in_place(out, lse, part, part_lse,
+                                                                                   mask=member)),
+               "triton level": ms_per_call(triton_level),
+               "triton merge": ms_per_call(lambda: sl.merge_partials_(out, lse, partial_out, partial_lse, counts))}
+    print(f"level {groups} groups x {per_group} queries x {shared} pages: "
+          + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timings.items())
+          + f"; max |triton - fa3| {error:.4f}", flush=True)
+
+
+def gemm_sizes() -> None:
+    """cuBLAS at decode batch sizes: around nosharing's mean (140 rows), does padding pay; around
+    samples' (683), how much a row costs against sharedprefix's (1,018)."""
+    shapes = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+    weights = {name: torch.randn(n, k, device=DEVICE, dtype=DTYPE) for name, (k, n) in shapes.items()}
+    for rows in (128, 140, 144, 160, 512, 640, 683, 704, 736, 768, 896, 1018, 1024):
+        x = {name: torch.randn(rows, k, device=DEVICE, dtype=DTYPE) for name, (k, n) in shapes.items()}
+        total = 0.0
+        for name, w in weights.items():
+            total += ms_per_call(lambda: torch.nn.functional.linear(x[name], w), 50)
+        gigabytes = sum(w.numel() * 2 for w in weights.values()) / 1e9
+        print(f"gemm rows {rows}: one layer's four GEMMs {total * 1e3:.1f} us ({gigabytes / total:.2f} TB/s, "
+              f"{total * 1e3 / rows:.3f} us per row)", flush=True)
+
+
 if __name__ == "__main__":
-    own_pages("sharedprefix own tails", 1024, 8, 14)
-    own_pages("samples own tails", 704, 1, 33)
-    own_pages("nosharing", 140, 7, 130)
-    shared_level()
+    import sys
+    parts = sys.argv[1].split(",") if len(sys.argv) > 1 else ["own", "level", "triton", "gemm"]
+    if "own" in parts:
+        own_pages("sharedprefix own tails", 1024, 8, 14)
+        own_pages("samples own tails", 704, 1, 33)
+        for low, high in ((12, 20), (18, 26), (24, 32), (30, 38), (40, 48)):
+            own_pages(f"tails of {low}-{high} pages", 704, low, high)
+        own_pages("nosharing", 140, 7, 130)
+    if "level" in parts:
+        shared_level()
+    if "triton" in parts:
+        for shape in ((16, 64, 125), (21, 32, 62), (32, 32, 125)):
+            shared_level_triton(*shape)
+    if "gemm" in parts:
+        gemm_sizes()

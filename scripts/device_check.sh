@@ -6,7 +6,7 @@
 #   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the Llama-3.1-8B shape
 #   profile:ARGS                   python -m forkserve.bench.profile .shared/llama-3.1-8b ARGS (ARGS space-separated)
 #   phases:ARGS                    python -m forkserve.bench.phases .shared/llama-3.1-8b ARGS (host time per step phase)
-#   probe                          python scripts/attention_probe.py (attention kernels alone, engine-like shapes)
+#   probe[:PARTS]                  python scripts/attention_probe.py [PARTS, comma-separated: own,level,triton,gemm]
 # e.g. bash scripts/device_check.sh tests "profile:--batch 1024 --context 2100 --shared 2000 --cascade on,off" \
 #        bench:nosharing,sharedprefix,samples:both
 # Needs (carried, ignored): .wheels/ (flashinfer-python + its missing deps), .shared/ (a copy of
@@ -54,8 +54,11 @@ for step in "$@"; do
             # shellcheck disable=SC2086
             timeout "${PROFILE_TIMEOUT:-300}" python3 -m forkserve.bench.phases .shared/llama-3.1-8b ${step#phases:} 2>&1 \
                 | grep -vE " INFO |UserWarning|_warn_once" ;;
-        probe)
-            timeout "${PROFILE_TIMEOUT:-300}" python3 scripts/attention_probe.py 2>&1 | grep -vE "UserWarning|_warn_once" ;;
+        probe|probe:*)
+            parts=${step#probe}
+            # shellcheck disable=SC2086
+            timeout "${PROFILE_TIMEOUT:-300}" python3 scripts/attention_probe.py ${parts:+${parts#:}} 2>&1 \
+                | grep -vE "UserWarning|_warn_once" ;;
         *)
             echo "unknown step $step" ;;
     esac

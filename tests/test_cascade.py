@@ -12,7 +12,8 @@ from attention_steps import shared_prefix_step, step_metadata
 from cpu_llm import cpu_llm
 from forkserve import SamplingParams
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import CascadePlan, CascadePlanner, CascadeRule, path_order, plan_cascade
+from forkserve.attention.cascade import (LEVEL_TILE_TOKENS, CascadePlan, CascadePlanner, CascadeRule, path_order,
+                                        plan_cascade)
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.engine.pages import KVCache, PagePool
 from forkserve.engine.tree import PrefixTree
@@ -63,6 +64,25 @@ def assert_each_page_read_once(meta: AttentionMetadata, plan: CascadePlan) -> No
         assert read == indices[indptr[b]:indptr[b + 1]], f"sequence {b} reads {read}"
 
 
+def assert_work_lists_the_groups(plan: CascadePlan, num_tokens: int) -> None:
+    """The GPU kernel's work items are the levels' groups: each group's tokens, level by level in
+    their next slot, over the group's pages, in items of at most LEVEL_TILE_TOKENS tokens."""
+    expected: list[list[list[int]]] = [[] for _ in range(num_tokens)]
+    for requests in group_requests(plan):
+        for tokens, pages in requests:
+            for t in tokens:
+                expected[t].append(pages)
+    got: list[dict[int, list[int]]] = [{} for _ in range(num_tokens)]
+    pages = plan.work.pages.tolist()
+    for first, count, first_page, num_pages, slot in plan.work.work.tolist():
+        assert 1 <= count <= LEVEL_TILE_TOKENS
+        for t in range(first, first + count):
+            assert slot not in got[t], f"token {t} gets two partials in slot {slot}"
+            got[t][slot] = pages[first_page:first_page + num_pages]
+    assert plan.work.counts.tolist() == [len(e) for e in expected]
+    assert [[g[s] for s in sorted(g)] for g in got] == expected
+
+
 RULES = [CascadeRule(1, 1, max_levels=4), CascadeRule(8, 1, max_levels=4), CascadeRule(1, 64, max_levels=4),
          CascadeRule(16, 48, max_levels=2), CascadeRule(1, 1, max_levels=1)]
 
@@ -87,6 +107,7 @@ def test_cascade_equals_plain_attention(depth: int, fanout: int, copies: int, de
         return
     assert 1 <= len(plan.levels) <= rule.max_levels
     assert_each_page_read_once(meta, plan)
+    assert_work_lists_the_groups(plan, meta.num_tokens)
     assert plan.pages_read < plan.pages_listed
     if sort:
         for requests in group_requests(plan):
@@ -144,7 +165,8 @@ def test_runs_too_short_for_a_pass_fold_into_the_level_below() -> None:
 
 
 def plan_arrays(plan: CascadePlan) -> list[list[int]]:
-    arrays = [plan.own_indptr.tolist(), plan.own_indices.tolist(), [plan.pages_read, plan.pages_listed]]
+    arrays = [plan.own_indptr.tolist(), plan.own_indices.tolist(), [plan.pages_read, plan.pages_listed],
+              plan.work.work.tolist(), plan.work.pages.tolist(), plan.work.counts.tolist()]
     for level in plan.levels:
         arrays += [t.tolist() for t in (level.qo_indptr, level.kv_indptr, level.kv_indices, level.kv_last_page_len,
                                         level.member)]

@@ -65,7 +65,8 @@ def test_flashinfer_matches_reference(decode: bool) -> None:
 
 @pytest.mark.parametrize("decode", [True, False])
 def test_flashinfer_cascade_matches_plain_reference(decode: bool) -> None:
-    """Random trees 1-4 deep in bf16: FlashInfer's levels + merge_state equal plain attention."""
+    """Random trees 1-4 deep in bf16: the GPU's levels (decode: the Triton shared-level and merge
+    kernels; prefill: FlashInfer's prefill kernel + merge_state) equal plain attention."""
     from forkserve.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -95,10 +96,10 @@ def test_flashinfer_cascade_matches_plain_reference(decode: bool) -> None:
     assert levels_seen > 0, "no random tree had sharing"
 
 
-@pytest.mark.parametrize("kind", ["decode", "level"])
-def test_direct_replan_equals_flashinfer_plan(kind: str) -> None:
-    """A CUDA-graph wrapper re-planned directly (what decode graph replays use) gets FlashInfer
-    plan()'s schedule for fresh random lengths, and attends the same."""
+@pytest.mark.parametrize("tensor_cores", [True, False])
+def test_direct_replan_equals_flashinfer_plan(tensor_cores: bool) -> None:
+    """A CUDA-graph decode wrapper re-planned directly (what decode graph replays use) gets
+    FlashInfer plan()'s schedule for fresh random lengths, and attends the same."""
     from forkserve.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -110,46 +111,30 @@ def test_direct_replan_equals_flashinfer_plan(kind: str) -> None:
 
     def buffers():
         return (torch.zeros(rows + 1, dtype=torch.int32, device=device),
-                torch.zeros(rows + 1, dtype=torch.int32, device=device),
                 torch.zeros(num_pages, dtype=torch.int32, device=device),
                 torch.zeros(rows, dtype=torch.int32, device=device))
 
-    def wrapper(qo, indptr, indices, last):
-        if kind == "decode":
-            return fi.graph_decode_wrapper(indptr, indices, last)
-        return fi.graph_level_wrapper(qo, indptr, indices, last)
-
-    def plan(w, qo, indptr, indices, last):
-        if kind == "decode":
-            fi.plan_decode(w, indptr, indices, last, cache)
-        else:
-            fi.plan_level(w, qo, indptr, indices, last, cache)
-
     bufs = [buffers(), buffers()]
-    official, direct = (wrapper(*b) for b in bufs)
+    official, direct = (fi.graph_decode_wrapper(*b, tensor_cores) for b in bufs)
+    qo = torch.arange(rows + 1, dtype=torch.int32)
     for trial in range(4):
         pages_per_row = torch.randint(1, 1 + (8 if trial == 0 else 60), (rows,), dtype=torch.int32)
         indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages_per_row.cumsum(0).to(torch.int32)])
         indices = torch.randperm(num_pages, dtype=torch.int32)[:int(indptr[-1])]
         last = torch.randint(1, ps + 1, (rows,), dtype=torch.int32)
-        if kind == "decode":
-            qo = torch.arange(rows + 1, dtype=torch.int32)
-        else:  # ragged queries, some requests empty, `rows` tokens in all
-            cuts = sorted(random.choices(range(rows + 1), k=rows - 1))
-            qo = torch.tensor([0] + cuts + [rows], dtype=torch.int32)
         if trial == 0:  # the capture-time plan both wrappers start from
-            plan(official, qo, indptr, indices, last)
-            plan(direct, qo, indptr, indices, last)
+            fi.plan_decode(official, indptr, indices, last, cache)
+            fi.plan_decode(direct, indptr, indices, last, cache)
             continue
-        plan(official, qo, indptr, indices, last)
-        for buffer, host in zip(bufs[1], (qo, indptr, indices, last)):
+        q = torch.randn(rows, hq, d, device=device, dtype=dtype)
+        fi.plan_decode(official, indptr, indices, last, cache)
+        expected = official.run(q, (cache.k[0], cache.v[0]))  # before the re-plan: graph wrappers share a schedule buffer
+        for buffer, host in zip(bufs[1], (indptr, indices, last)):
             buffer[:host.shape[0]].copy_(host)
         kv_lens = (pages_per_row - 1) * ps + last
         fi.replan_graph_wrapper(direct, qo, indptr, kv_lens, ps, causal=False)
         torch.cuda.synchronize()
         assert list(direct._plan_info) == list(official._plan_info)
-        q = torch.randn(rows, hq, d, device=device, dtype=dtype)
-        expected = official.run(q, (cache.k[0], cache.v[0]))
         assert torch.equal(direct.run(q, (cache.k[0], cache.v[0])), expected)
 
 
@@ -180,8 +165,9 @@ def test_fused_kernels_match_reference_layers() -> None:
     cos, sin = rotary.cos[positions].unsqueeze(1).to(dtype), rotary.sin[positions].unsqueeze(1).to(dtype)
     rotate = lambda y: y * cos + torch.cat([-y[..., d // 2:], y[..., :d // 2]], dim=-1) * sin  # noqa: E731
     expected_q, expected_k = rotate(q), rotate(k)
-    rotary(positions, q, k)  # in place on the qkv views; the kernel rotates in fp32, torch in bf16
-    assert relative_error(q, expected_q) < 1e-2 and relative_error(k, expected_k) < 1e-2
+    rotated_q, rotated_k = rotary(positions, q, k)  # the kernel rotates in fp32, torch in bf16
+    assert rotated_q.is_contiguous() and rotated_k.data_ptr() == k.data_ptr()  # k in place: the KV store reads it
+    assert relative_error(rotated_q, expected_q) < 1e-2 and relative_error(k, expected_k) < 1e-2
 
     cache = KVCache(t + 10, 16, 1, hkv, d, dtype, device)
     slots = torch.randperm((t + 10) * 16, device=device)[:t]
@@ -212,10 +198,12 @@ def test_one_pass_sampler_kernel() -> None:
 NEAR_TIE = 2e-2  # fp16 logits: closer top-2 candidates may legitimately swap between kernels
 
 
-@pytest.mark.parametrize("family,cascade", [("llama", False), ("qwen3", False), ("llama", True)])
-def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, cascade: bool) -> None:
+@pytest.mark.parametrize("family,cascade,tensor_cores", [("llama", False, False), ("qwen3", False, True),
+                                                        ("llama", True, False)])
+def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, cascade: bool, tensor_cores: bool) -> None:
     """Same greedy tokens through FlashInfer + CUDA graphs (+ cascade levels, forced on prompts
-    sharing a system prompt) as through the reference backend with plain attention (fp16).
+    sharing a system prompt; the tensor-core decode kernel forced, or the CUDA-core one these
+    short sequences get) as through the reference backend with plain attention (fp16).
 
     A sequence is compared up to the first step where the reference's two best logprobs are
     within NEAR_TIE (a tie either path may break either way); every sequence must agree that far.
@@ -229,11 +217,15 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
     common = dict(device="cuda", dtype="float16", max_model_len=512, num_gpu_blocks_override=512, max_num_seqs=16)
     llm = LLM(model, **common)
     graphs = llm.engine.runner.graphs
+    if tensor_cores:
+        graphs.cuda_core_max_pages = 0
     replayed_levels: list[int] = []
+    replayed_kernels: set[bool] = set()
     replay = graphs.run
 
     def recording_replay(input_ids, positions, meta):  # noqa: ANN001
         replayed_levels.append(len(meta.cascade.levels) if meta.cascade is not None else 0)
+        replayed_kernels.add(graphs.uses_tensor_cores(meta))
         return replay(input_ids, positions, meta)
 
     graphs.run = recording_replay
@@ -242,6 +234,7 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert (llm.engine.stats()["cascade_steps"] > 0) == cascade
     assert (max(replayed_levels) > 0) == cascade, "decode steps with shared levels never replayed a graph"
+    assert replayed_kernels == {tensor_cores}
     ref = LLM(model, attention_backend="reference", enforce_eager=True, disable_cascade_attn=True,
               **common).generate(prompts, params, use_tqdm=False)
     compared = 0

@@ -14,11 +14,12 @@ Depths nest like the tree: system prompt -> document -> question -> samples. A s
 fails the rule folds into the next kept one below it on every path through it, so each
 sequence's pages are still read exactly once.
 
-A level is laid out for the kernels as a tiling of the step's whole flat batch into ragged
-requests: each run of consecutive tokens of one group is a request over the group's pages, and
-each run of tokens in no group of that level is a *filler* request over the scratch page, left
-out of the merge (`member`). No gathers, every level's shapes are the batch's own, and so a
-decode step with levels can be a CUDA graph.
+A level is laid out for FlashInfer's ragged kernels (prefill steps on the GPU) and the reference
+backend as a tiling of the step's whole flat batch into ragged requests: each run of consecutive
+tokens of one group is a request over the group's pages, and each run of tokens in no group of
+that level is a *filler* request over the scratch page, left out of the merge (`member`). Decode
+steps on the GPU take the same levels as `LevelWork`: the groups' runs cut into work items of at
+most LEVEL_TILE_TOKENS tokens, all levels in one list, no fillers.
 Sequences that share are adjacent when the batch is sorted by tree path (`path_order`), which
 keeps a group to one request; any order is still correct.
 """
@@ -61,10 +62,26 @@ class CascadeLevel:
     kv_indices: torch.Tensor  # int32 host
     kv_last_page_len: torch.Tensor  # [R] int32 host
     member: torch.Tensor  # [T] bool on the device: the token is in a group of this level
+    groups: np.ndarray  # int64: the requests that are groups (the others are fillers)
 
     @property
     def num_requests(self) -> int:
         return self.qo_indptr.shape[0] - 1
+
+
+LEVEL_TILE_TOKENS = 32  # query tokens per work item of the GPU's shared-level kernel
+
+
+@dataclass
+class LevelWork:
+    """The levels as work items of the GPU's shared-level kernel (forkserve/kernels/shared_level.py):
+    item i is tokens work[i, 0] .. work[i, 0] + work[i, 1] (at most LEVEL_TILE_TOKENS, all in one
+    group) over pages[work[i, 2] : work[i, 2] + work[i, 3]], its partial result written to slot
+    work[i, 4]. Token t has counts[t] partials, in slots 0 .. counts[t] - 1. No fillers."""
+
+    work: np.ndarray  # [W, 5] int32
+    pages: np.ndarray  # int32
+    counts: np.ndarray  # [T] int32
 
 
 @dataclass
@@ -72,6 +89,7 @@ class CascadePlan:
     """A step's shared levels, and each sequence's own pages: those after its last shared level."""
 
     levels: list[CascadeLevel]
+    work: LevelWork  # the same levels as the GPU's shared-level kernel takes them
     own_indptr: torch.Tensor  # [B + 1] int32 host
     own_indices: torch.Tensor  # int32 host
     pages_read: int  # pages one layer reads with these levels (each group's once; fillers not counted)
@@ -114,7 +132,7 @@ def plan_cascade(paths: Sequence[list[TreeNode]], kv_indptr: np.ndarray, kv_indi
     if sharing is None:
         return None
     levels = _build_levels(sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page, device)
-    return _with_own_pages(levels, sharing, kv_indptr, kv_indices)
+    return _with_own_pages(levels, level_work(levels, int(query_start[-1])), sharing, kv_indptr, kv_indices)
 
 
 def find_sharing(paths: Sequence[list[TreeNode]], page_size: int, rule: CascadeRule) -> Sharing | None:
@@ -181,11 +199,11 @@ def _build_levels(sharing: Sharing, kv_indptr: np.ndarray, kv_indices: np.ndarra
     """Each level's tiling of the batch; every level's member mask reaches the device in one copy."""
     num_seqs = len(sharing.cuts)
     query_lens = np.diff(query_start)
-    host_levels, members = [], []
-    for groups in sharing.levels:
+    host_levels, members, groups = [], [], []
+    for level_groups in sharing.levels:
         group_of_seq = np.full(num_seqs, -1, dtype=np.int64)
         group_pages = []
-        for g, group in enumerate(groups):
+        for g, group in enumerate(level_groups):
             group_of_seq[group.seqs] = g
             first = kv_indptr[group.seqs[0]]
             group_pages.append(kv_indices[first + group.start_page:first + group.end_page])
@@ -198,12 +216,36 @@ def _build_levels(sharing: Sharing, kv_indptr: np.ndarray, kv_indices: np.ndarra
                             np.concatenate(pages).astype(np.int32),
                             np.where(run_group >= 0, page_size, 1).astype(np.int32)))
         members.append(np.repeat(group_of_seq, query_lens) >= 0)
+        groups.append(np.flatnonzero(run_group >= 0))
     on_device = to_device(np.stack(members), device)
-    return [CascadeLevel(*(torch.from_numpy(a) for a in arrays), member=on_device[d])
+    return [CascadeLevel(*(torch.from_numpy(a) for a in arrays), member=on_device[d], groups=groups[d])
             for d, arrays in enumerate(host_levels)]
 
 
-def _with_own_pages(levels: list[CascadeLevel], sharing: Sharing, kv_indptr: np.ndarray,
+def level_work(levels: list[CascadeLevel], num_tokens: int) -> LevelWork:
+    """The levels' groups cut into work items of at most LEVEL_TILE_TOKENS tokens; each token's
+    partials fill slots 0, 1, .. in level order (a deeper group's tokens all lie in one group
+    of each level above it, so one slot serves a whole item)."""
+    items, pages = [], []
+    filled = np.zeros(num_tokens, dtype=np.int32)
+    num_pages = 0
+    for level in levels:
+        qo, kv_ptr, level_pages = level.qo_indptr.numpy(), level.kv_indptr.numpy(), level.kv_indices.numpy()
+        for r in level.groups:
+            first, end = int(qo[r]), int(qo[r + 1])
+            slot = int(filled[first])
+            assert (filled[first:end] == slot).all(), "a shared level's group straddles groups of the level above"
+            filled[first:end] += 1
+            group_pages = level_pages[kv_ptr[r]:kv_ptr[r + 1]]
+            for start in range(first, end, LEVEL_TILE_TOKENS):
+                items.append((start, min(LEVEL_TILE_TOKENS, end - start), num_pages, len(group_pages), slot))
+            pages.append(group_pages)
+            num_pages += len(group_pages)
+    work = np.array(items, dtype=np.int32).reshape(-1, 5)
+    return LevelWork(work, np.concatenate(pages).astype(np.int32) if pages else np.zeros(0, np.int32), filled)
+
+
+def _with_own_pages(levels: list[CascadeLevel], work: LevelWork, sharing: Sharing, kv_indptr: np.ndarray,
                     kv_indices: np.ndarray) -> CascadePlan:
     """The plan: the levels, and each sequence's pages from its cut on."""
     cuts = sharing.cuts
@@ -213,7 +255,7 @@ def _with_own_pages(levels: list[CascadeLevel], sharing: Sharing, kv_indptr: np.
     own_indptr = np.zeros(len(cuts) + 1, dtype=np.int32)
     np.cumsum(num_pages - cuts, out=own_indptr[1:])
     pages_read = sum(group.end_page - group.start_page for groups in sharing.levels for group in groups) + len(own)
-    return CascadePlan(levels, torch.from_numpy(own_indptr), torch.from_numpy(np.ascontiguousarray(own)),
+    return CascadePlan(levels, work, torch.from_numpy(own_indptr), torch.from_numpy(np.ascontiguousarray(own)),
                        pages_read, len(kv_indices))
 
 
@@ -237,6 +279,7 @@ class CascadePlanner:
         self._sharing: Sharing | None = None
         self._query_lens: np.ndarray | None = None
         self._levels: list[CascadeLevel] = []
+        self._work: LevelWork | None = None
 
     def order(self, nodes: list[TreeNode]) -> list[int]:
         """Rows of a scheduled batch (given by each row's tree node) in path order (`path_order`)."""
@@ -257,7 +300,8 @@ class CascadePlanner:
             self._query_lens = query_lens
             self._levels = _build_levels(self._sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page,
                                          device)
-        return _with_own_pages(self._levels, self._sharing, kv_indptr, kv_indices)
+            self._work = level_work(self._levels, int(query_start[-1]))
+        return _with_own_pages(self._levels, self._work, self._sharing, kv_indptr, kv_indices)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor,

@@ -6,24 +6,77 @@ steps with prefill chunks use the ragged-query prefill kernel over paged KV. Dec
 bound to fixed buffers serve the CUDA graphs (see forkserve/cuda_graphs.py).
 
 A step with a cascade plan (forkserve/attention/cascade.py) runs the same kernel over each
-sequence's own pages with the log-sum-exp returned, then one prefill-kernel pass per shared
-level (each group's queries a ragged request, non-causal, over its shared pages), merged in
-place into the member rows by FlashInfer's merge_state_in_place. The same calls run eagerly
-and inside the decode CUDA graphs, whose wrappers are re-planned each replay by calling
-FlashInfer's scheduler directly (`replan_graph_wrapper`).
+sequence's own pages with the log-sum-exp returned, then its shared levels. Decode steps run all
+levels in one launch of the Triton shared-level kernel (forkserve/kernels/shared_level.py) and
+fold the partials into the own-pages output with its merge kernel, from fixed buffers
+(`DecodeLevels`), eagerly or inside the decode CUDA graphs. Prefill steps run one FlashInfer
+prefill-kernel pass per level (each group's queries a ragged request, non-causal, over its
+shared pages), merged in place into the member rows by merge_state_in_place. Graph wrappers are
+re-planned each replay by calling FlashInfer's scheduler directly (`replan_graph_wrapper`).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from forkserve.attention.cascade import LevelWork
 from forkserve.engine.pages import KVCache
-from forkserve.transfer import to_device
+from forkserve.kernels import gpu_kernels
+from forkserve.transfer import fill_from_host, to_device
 
 WORKSPACE_BYTES = 768 << 20  # split-kv partials of a 1024-row decode step need ~320 MB
 FLASHINFER_WRAPPER_BYTES = 8 << 20  # FlashInfer gives every wrapper a schedule buffer of this size on the device
+
+
+class DecodeLevels:
+    """Device buffers that the shared-level kernels read for a decode step (a `LevelWork`) and the
+    partials they write. Fixed in size, so CUDA graphs replay them; `fill` loads each step's work."""
+
+    def __init__(self, max_tokens: int, max_pages: int, max_levels: int, num_q_heads: int, head_dim: int,
+                 device: torch.device) -> None:
+        for name, (shape, dtype) in self._buffers(max_tokens, max_pages, max_levels, num_q_heads, head_dim).items():
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def _buffers(max_tokens: int, max_pages: int, max_levels: int, num_q_heads: int, head_dim: int
+                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of each buffer; an item has at least one token, so a level has
+        at most max_tokens items."""
+        return dict(work=((max_levels * max_tokens, 5), torch.int32), num_items=((1,), torch.int32),
+                    pages=((max(max_pages, 1),), torch.int32), counts=((max_tokens,), torch.int32),
+                    partial_out=((max_levels, max_tokens, num_q_heads, head_dim), torch.float32),
+                    partial_lse=((max_levels, max_tokens, num_q_heads), torch.float32))
+
+    @staticmethod
+    def bytes_needed(max_tokens: int, max_pages: int, max_levels: int, num_q_heads: int, head_dim: int) -> int:
+        buffers = DecodeLevels._buffers(max_tokens, max_pages, max_levels, num_q_heads, head_dim).values()
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in buffers)
+
+    @classmethod
+    def for_work(cls, work: LevelWork, num_levels: int, num_q_heads: int, head_dim: int,
+                 device: torch.device) -> DecodeLevels:
+        """Buffers just large enough for one eager step's work, filled."""
+        levels = cls(len(work.counts), len(work.pages), num_levels, num_q_heads, head_dim, device)
+        levels.fill(work, len(work.counts))
+        return levels
+
+    def fill(self, work: LevelWork, num_tokens: int) -> None:
+        """Load a step's work; tokens from len(work.counts) to num_tokens (padding) share nothing."""
+        pad = np.zeros(num_tokens - len(work.counts), dtype=np.int32)
+        fill_from_host([(self.num_items, np.array([len(work.work)], dtype=np.int32)), (self.work, work.work),
+                        (self.counts, np.concatenate([work.counts, pad])), (self.pages, work.pages)])
+
+    def merge_into(self, q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
+                   lse: torch.Tensor) -> None:
+        """Attend q to every level's pages and fold the results into out (own pages; lse base 2)."""
+        kernels = gpu_kernels("shared_level", q)
+        kernels.shared_level_attention(q, *cache, self.work, self.num_items, self.pages, self.partial_out,
+                                       self.partial_lse)
+        kernels.merge_partials_(out, lse, self.partial_out, self.partial_lse, self.counts[:q.shape[0]])
 
 
 class FlashInferBackend(AttentionBackend):
@@ -39,8 +92,11 @@ class FlashInferBackend(AttentionBackend):
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._active = self._decode
         self._levels: list = []  # one prefill wrapper per shared level of cascade plans, made as needed
-        self._active_levels: list[tuple[object, torch.Tensor]] = []  # (wrapper, member mask) of this step
+        self._active_levels: list[tuple[object, torch.Tensor]] | DecodeLevels = []  # this step's levels (see run)
         self._staged: dict[int, torch.cuda.Event] = {}  # per wrapper: when its last plan's copies are queued
+        # One device schedule buffer for all CUDA-graph wrappers (FlashInfer gives each its own):
+        # a step plans one of them and replays its graph, in stream order, so they never overlap.
+        self._graph_schedule = torch.empty(FLASHINFER_WRAPPER_BYTES, dtype=torch.uint8, device=device)
 
     def prepare(self, meta: AttentionMetadata, kv_cache: KVCache) -> None:
         plan = meta.cascade
@@ -54,6 +110,10 @@ class FlashInferBackend(AttentionBackend):
                        causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
             self._active = self._prefill
         self._active_levels = []
+        if meta.is_decode and plan is not None:
+            self._active_levels = DecodeLevels.for_work(plan.work, len(plan.levels), self.num_q_heads, self.head_dim,
+                                                        self._workspace.device)
+            return
         for depth, level in enumerate(plan.levels if plan is not None else ()):
             if depth == len(self._levels):
                 self._levels.append(self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD"))
@@ -66,25 +126,19 @@ class FlashInferBackend(AttentionBackend):
         return self.run(self._active, layer, q, k, v, kv_cache, meta.slot_mapping, self._active_levels)
 
     # ---------------------------------------------------------------- pieces the CUDA graphs reuse
-    def graph_decode_wrapper(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor):
-        """A decode wrapper whose plan lands in these fixed device buffers (graph-capturable)."""
-        return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=indptr,
-            paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_page_len)
-
-    def graph_level_wrapper(self, qo_indptr: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                            last_page_len: torch.Tensor):
-        """A shared-level (ragged prefill) wrapper whose plan lands in these fixed device buffers;
-        its number of requests is fixed to len(qo_indptr) - 1."""
-        return self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=qo_indptr, paged_kv_indptr_buf=indptr,
-            paged_kv_indices_buf=indices, paged_kv_last_page_len_buf=last_page_len)
+    def graph_decode_wrapper(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor,
+                             tensor_cores: bool = True):
+        """A decode wrapper whose plan lands in these fixed device buffers (graph-capturable):
+        FlashInfer's tensor-core kernel, or its CUDA-core one (faster for short page lists)."""
+        wrapper = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+            paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_page_len)
+        wrapper._int_workspace_buffer = self._graph_schedule
+        return wrapper
 
     def plan_level(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                    kv_last_page_len: torch.Tensor, kv_cache: KVCache) -> None:
-        """Plan one shared level: every request sees all of its pages (non-causal)."""
-        if wrapper.is_cuda_graph_enabled:  # it would copy host indices into its buffer with a blocking copy
-            kv_indices = to_device(kv_indices, self._workspace.device)
+        """Plan one shared level of a prefill step: every request sees all of its pages (non-causal)."""
         self._plan(wrapper, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads,
                    self.head_dim, kv_cache.page_size, causal=False, q_data_type=self.dtype,
                    kv_data_type=kv_cache.k.dtype)
@@ -137,8 +191,16 @@ class FlashInferBackend(AttentionBackend):
     def _schedule(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_lens: torch.Tensor,
                   page_size: int, causal: bool) -> None:
         """FlashInfer 0.6.14's scheduler call as its plan() makes it for a CUDA-graph wrapper
-        (fa2 takes three more arguments than fa3); the wrapper keeps the returned plan info."""
+        (fa2 takes three more arguments than fa3, the CUDA-core decode kernel has a scheduler of
+        its own); the wrapper keeps the returned plan info."""
         batch_size = kv_lens.shape[0]
+        if not getattr(wrapper, "use_tensor_cores", True):
+            wrapper._plan_info = wrapper._cached_module.plan(
+                wrapper._float_workspace_buffer, wrapper._int_workspace_buffer,
+                wrapper._pin_memory_int_workspace_buffer, kv_indptr, batch_size, self.num_q_heads, self.num_kv_heads,
+                page_size, True, -1, 0.0, self.head_dim, self.head_dim, torch.empty(0, dtype=self.dtype),
+                torch.empty(0, dtype=self.dtype))
+            return
         total_rows = getattr(wrapper, "_max_total_num_rows", None) or batch_size
         args = [wrapper._float_workspace_buffer, wrapper._int_workspace_buffer,
                 wrapper._pin_memory_int_workspace_buffer, qo_indptr, kv_indptr, kv_lens, total_rows, batch_size,
@@ -160,14 +222,19 @@ class FlashInferBackend(AttentionBackend):
                                "wrappers differs from plan(); this forkserve needs flashinfer-python 0.6.14")
 
     def run(self, wrapper, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-            slot_mapping: torch.Tensor, levels: Sequence[tuple[object, torch.Tensor]] = ()) -> torch.Tensor:
-        """Store the new K/V, attend with `wrapper` and merge in each (level wrapper, member mask)."""
+            slot_mapping: torch.Tensor, levels: Sequence[tuple[object, torch.Tensor]] | DecodeLevels = ()
+            ) -> torch.Tensor:
+        """Store the new K/V, attend with `wrapper`, and merge in the shared levels: a decode step's
+        `DecodeLevels`, or a prefill step's (level wrapper, member mask) pairs."""
         write_kv(layer, k, v, kv_cache, slot_mapping)
         cache = (kv_cache.k[layer], kv_cache.v[layer])
         q = q.contiguous()
         if not levels:
             return wrapper.run(q, cache)
         out, lse = wrapper.run(q, cache, return_lse=True)
+        if isinstance(levels, DecodeLevels):
+            levels.merge_into(q, cache, out, lse)
+            return out
         for level_wrapper, member in levels:
             part, part_lse = level_wrapper.run(q, cache, return_lse=True)
             self._flashinfer.merge_state_in_place(out, lse, part, part_lse, mask=member)

@@ -109,6 +109,9 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: int | None) -> 
               if steps[i][2] == 0 and steps[i][1] >= min_rows]
     decode = [s for s in steps if s[2] == 0 and s[1] >= min_rows]
     prefill = [s for s in steps if s[2] > 0]
+    if not decode:
+        print(f"{name}: {seconds:.2f} s, {len(steps)} steps; none decodes >= {min_rows} rows (see --min-rows)")
+        return
     print(f"{name}: {seconds:.2f} s, {len(steps)} steps; {len(prefill)} with prefill "
           f"({sum(s[0] for s in prefill):.2f} s); {len(decode)} decode steps of >= {min_rows} rows: "
           f"mean {statistics.mean(s[1] for s in decode):.0f} rows, "

@@ -67,6 +67,14 @@ def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:
     return EngineUnderTest(generate)
 
 
+def _alloc_retries() -> int | None:
+    """How often PyTorch's CUDA allocator had to free its cache and retry (each a device sync):
+    a run short of activation memory shows here, not as an error."""
+    import torch
+
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else None
+
+
 def main(argv: list[str]) -> int:
     engine, model_dir, names, scale, engine_args = argv[0], argv[1], argv[2].split(","), int(argv[3]), json.loads(argv[4])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -79,6 +87,7 @@ def main(argv: list[str]) -> int:
     for name in names:
         w = build(name, scale)
         before = under_test.stats()
+        retries = _alloc_retries()
         t = time.perf_counter()
         outputs = under_test.generate(w)
         end = time.perf_counter()
@@ -89,6 +98,8 @@ def main(argv: list[str]) -> int:
         trace = [step for step in under_test.steps() if step[0] >= t]
         if trace:
             stats.update(step_breakdown(trace, end))
+        if engine == "forkserve" and retries is not None:  # vLLM allocates in its engine process
+            stats["cuda_alloc_retries"] = _alloc_retries() - retries
         result = dict(engine=engine, workload=name, seconds=round(seconds, 3), prompt_tokens=in_tok,
                       output_tokens=out_tok, output_tok_s=round(out_tok / seconds, 1),
                       total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=stats)

@@ -593,7 +593,9 @@ def _activation_reserve(engine: Engine) -> int:
     graphs = 0
     if engine._uses_graphs():
         levels = engine.cascade_rule.max_levels if engine.cascade_rule is not None else 0
-        graphs = DecodeGraphs.reserved_bytes(cfg.max_num_seqs, engine._max_pages_per_seq, levels)
+        # The graphs' private memory pool holds the largest decode step's activations.
+        graphs = DecodeGraphs.reserved_bytes(cfg.max_num_seqs, engine._max_pages_per_seq, levels,
+                                             mc.num_heads, mc.head_dim) + cfg.max_num_seqs * per_token
     return cfg.max_num_batched_tokens * per_token + logits + graphs
 
 

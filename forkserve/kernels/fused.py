@@ -69,34 +69,52 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(x_ptr, positions_ptr, cos_ptr, sin_ptr, token_stride, head_stride, cache_stride,
-                 HALF: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    pos = tl.load(positions_ptr + token)
-    cols = tl.arange(0, HALF)
-    base = x_ptr + token * token_stride + head * head_stride
-    x1 = tl.load(base + cols)
-    x2 = tl.load(base + HALF + cols)
-    # HF casts cos/sin to the activations' dtype and rounds each product and the sum.
-    c = tl.load(cos_ptr + pos * cache_stride + cols).to(x1.dtype).to(tl.float32)
-    s = tl.load(sin_ptr + pos * cache_stride + cols).to(x1.dtype).to(tl.float32)
+def _rotate_heads(src, dst, cols, heads, c, s, HALF: tl.constexpr):
+    """Rotate-half RoPE of [heads, HALF] pairs at src into dst, rounding as HF does (see rope_qk)."""
+    x1 = tl.load(src + cols, mask=heads)
+    x2 = tl.load(src + HALF + cols, mask=heads)
     a1 = x1.to(tl.float32)
     a2 = x2.to(tl.float32)
     out1 = (a1 * c).to(x1.dtype).to(tl.float32) + (-a2 * s).to(x1.dtype).to(tl.float32)
     out2 = (a2 * c).to(x1.dtype).to(tl.float32) + (a1 * s).to(x1.dtype).to(tl.float32)
-    tl.store(base + cols, out1.to(x1.dtype))
-    tl.store(base + HALF + cols, out2.to(x1.dtype))
+    tl.store(dst + cols, out1.to(x1.dtype), mask=heads)
+    tl.store(dst + HALF + cols, out2.to(x1.dtype), mask=heads)
 
 
-def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [T, H, D] (any token/head strides, unit stride inside a head) in place."""
-    tokens, heads, head_dim = x.shape
-    assert x.stride(2) == 1 and cos.stride(1) == 1 and head_dim % 2 == 0
+@triton.jit
+def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, positions_ptr, cos_ptr, sin_ptr, q_token_stride, q_head_stride,
+                    k_token_stride, k_head_stride, cache_stride, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token)
+    half = tl.arange(0, HALF)[None, :]
+    # HF casts cos/sin to the activations' dtype and rounds each product and the sum.
+    dtype = q_ptr.dtype.element_ty
+    c = tl.load(cos_ptr + pos * cache_stride + half).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + pos * cache_stride + half).to(dtype).to(tl.float32)
+    q_heads = tl.arange(0, BLOCK_Q)[:, None]
+    _rotate_heads(q_ptr + token * q_token_stride + q_heads * q_head_stride,
+                  q_out_ptr + token * Q_HEADS * 2 * HALF + q_heads * 2 * HALF, half, q_heads < Q_HEADS, c, s, HALF)
+    k_heads = tl.arange(0, BLOCK_K)[:, None]
+    k = k_ptr + token * k_token_stride + k_heads * k_head_stride
+    _rotate_heads(k, k, half, k_heads < K_HEADS, c, s, HALF)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q: [T, Hq, D] and k: [T, Hkv, D] (any token/head strides, unit stride inside a head)
+    in one launch: q rotated into a new contiguous tensor (what the attention kernels take), k in
+    place (it may be a view into the fused qkv output, which the KV store reads)."""
+    tokens, q_heads, head_dim = q.shape
+    k_heads = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and head_dim % 2 == 0
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if tokens:
-        _rope_kernel[(tokens, heads)](x, positions, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
-                                      HALF=head_dim // 2)
-    return x
+        _rope_qk_kernel[(tokens,)](q, k, q_out, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0),
+                                   k.stride(1), cos.stride(0), Q_HEADS=q_heads, K_HEADS=k_heads,
+                                   BLOCK_Q=triton.next_power_of_2(q_heads), BLOCK_K=triton.next_power_of_2(k_heads),
+                                   HALF=head_dim // 2)
+    return q_out, k
 
 
 @triton.jit

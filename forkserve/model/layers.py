@@ -128,11 +128,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D]; computed in fp32 and cast back as HF does.
 
-        The GPU path rotates q and k in place (they may be views into the fused qkv output).
+        The GPU path rotates both in one kernel: q into a new contiguous tensor, k in place.
         """
         fused = fused_kernels_for(q)
         if fused is not None:
-            return fused.rope_(q, positions, self.cos, self.sin), fused.rope_(k, positions, self.cos, self.sin)
+            return fused.rope_qk(q, k, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

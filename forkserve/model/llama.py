@@ -83,5 +83,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's dtype, as HF's lm_head gives them; samplers upcast what they need
+        (the GPU sampler reads them once as they are: no [rows, vocab] fp32 copy per step)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        return nn.functional.linear(hidden, weight)
