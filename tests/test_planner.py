@@ -18,7 +18,7 @@ from forkserve.engine.pages import PagePool
 from forkserve.entrypoints.batch_runner import BatchRunner
 from forkserve.engine.planner import Planner
 from forkserve.engine.scheduler import Scheduler
-from forkserve.engine.summary import batch_summary
+from forkserve.engine.summary import batch_summary, step_breakdown
 from forkserve.engine.sequence import Request, Sequence
 from forkserve.engine.tree import PrefixTree
 
@@ -176,6 +176,15 @@ def test_batch_summary_peak_is_the_batchs_own(model_dir: str) -> None:
     summary = batch_summary(before, llm.engine.stats(), llm.engine.pages_in_use_series())
     assert summary["peak_pages_in_use"] == max(llm.engine.pages_in_use_series()[before["steps"]:])
     assert summary["peak_pages_in_use"] < llm.engine.stats()["peak_pages_in_use"]
+
+
+def test_step_breakdown_splits_time_and_names_the_slowest_prefill_step() -> None:
+    """Each step lasts until the next starts (the last until the end): a stall in one prefill
+    step shows as the slowest, apart from the decode steps."""
+    series = [(0.0, 0, 100), (1.0, 2, 50), (5.0, 3, 0), (5.5, 3, 0), (6.25, 1, 0)]
+    assert step_breakdown(series, end=6.5) == dict(
+        decode_steps=3, decode_seconds=1.5, mean_decode_batch=round(7 / 3, 1), prefill_steps=2,
+        prefill_seconds=5.0, slowest_prefill_step_seconds=4.0)
 
 
 def test_add_requests_refuses_taken_ids_and_queues_nothing(model_dir: str) -> None:

@@ -81,9 +81,11 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     under_test = (vllm_runner if engine == "vllm" else forkserve_runner)(model_dir, engine_args)
     print(f"STARTUP {time.perf_counter() - start:.1f}", flush=True)
-    # A small mixed batch (prefill chunks, decodes at many batch sizes): every kernel is built
-    # before the clock starts, as vLLM's start-up does.
-    under_test.generate(Workload("warmup", build("nosharing", 8).requests, 0.6))
+    # Small batches (prefill chunks, decodes at many batch sizes, prefill and decode steps with
+    # shared prefixes): every kernel is built before the clock starts, as vLLM's start-up does.
+    # Their own seed: no prompt may share a cached prefix with the timed batches.
+    for warmup in (build("nosharing", 8, seed=1002), build("sharedprefix", 4, seed=1000)):
+        under_test.generate(warmup)
     for name in names:
         w = build(name, scale)
         before = under_test.stats()

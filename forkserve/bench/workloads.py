@@ -63,18 +63,22 @@ def no_sharing(seed: int = 2, num: int = 256, lo: int = 100, hi: int = 1024) -> 
     return [BenchRequest(_ids(rng, rng.randint(lo, hi)), rng.randint(lo, hi)) for _ in range(num)]
 
 
-def build(name: str, scale: int = 1) -> Workload:
-    """A workload by name; scale > 1 shrinks counts and lengths for smoke tests on CPU."""
+def build(name: str, scale: int = 1, seed: int | None = None) -> Workload:
+    """A workload by name; scale > 1 shrinks counts and lengths for smoke tests on CPU. A seed
+    other than the workload's own draws other tokens (the bench's warm-up must not share a
+    prefix with the timed batch)."""
+    seeded = {} if seed is None else {"seed": seed}
     if name == "nosharing":
-        reqs = no_sharing(num=256 // scale, lo=max(1, 100 // scale), hi=max(2, 1024 // scale))
+        reqs = no_sharing(num=256 // scale, lo=max(1, 100 // scale), hi=max(2, 1024 // scale), **seeded)
         return Workload(name, reqs, 0.6)
     if name == "sharedprefix":
         reqs = shared_prefix(groups=max(1, 32 // scale), per_group=max(1, 64 // scale),
-                             prefix_len=2000 // scale, suffix_len=max(1, 100 // scale), out_len=max(1, 128 // scale))
+                             prefix_len=2000 // scale, suffix_len=max(1, 100 // scale), out_len=max(1, 128 // scale),
+                             **seeded)
         return Workload(name, reqs, 0.6)
     if name == "samples":
         reqs = parallel_samples(prompts=max(1, 64 // scale), n=max(1, 32 // scale), prompt_len=1000 // scale,
-                                out_len=max(1, 512 // scale))
+                                out_len=max(1, 512 // scale), **seeded)
         return Workload(name, reqs, 0.8)
     raise ValueError(f"unknown workload {name!r}: choose from nosharing, sharedprefix, samples")
 
