@@ -120,12 +120,10 @@ class DecodeGraphs:
         indptr, indices, last = self._decode_tables(size, rows, meta)
         if meta is None:  # capture: FlashInfer's own plan, then prove the direct re-plan matches it
             self.backend.plan_decode(decode, *(torch.from_numpy(a) for a in (indptr, indices, last)), self.kv_cache)
-            self.backend.check_replan(decode, *self._schedule_inputs(np.arange(size + 1, dtype=np.int32), indptr, last),
-                                      self.kv_cache.page_size, causal=False)
+            self.backend.check_replan(decode, *self._schedule_inputs(indptr, last), self.kv_cache.page_size)
             return
         fill_from_host([(self.kv_indptr, indptr), (self.kv_last_page_len, last), (self.kv_indices, indices)])
-        self.backend.replan_graph_wrapper(decode, *self._schedule_inputs(np.arange(size + 1, dtype=np.int32), indptr,
-                                                                         last), self.kv_cache.page_size, causal=False)
+        self.backend.replan_graph_wrapper(decode, *self._schedule_inputs(indptr, last), self.kv_cache.page_size)
 
     def _decode_tables(self, size: int, rows: int, meta: AttentionMetadata | None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,11 +139,10 @@ class DecodeGraphs:
                 np.concatenate([indices, np.full(pad, self.kv_cache.scratch_page, dtype=np.int32)]),
                 np.concatenate([last, np.ones(pad, dtype=np.int32)]))
 
-    def _schedule_inputs(self, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last: np.ndarray
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What FlashInfer's scheduler takes: host qo and KV indptr, and KV tokens per request."""
+    def _schedule_inputs(self, kv_indptr: np.ndarray, last: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """What FlashInfer's scheduler takes: the host KV indptr, and KV tokens per row."""
         kv_lens = (np.diff(kv_indptr) - 1) * self.kv_cache.page_size + last
-        return torch.from_numpy(qo_indptr), torch.from_numpy(kv_indptr), torch.from_numpy(kv_lens.astype(np.int32))
+        return torch.from_numpy(kv_indptr), torch.from_numpy(kv_lens.astype(np.int32))
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         """Decode steps that fit the captured buffers and levels."""

@@ -116,7 +116,6 @@ def test_direct_replan_equals_flashinfer_plan(tensor_cores: bool) -> None:
 
     bufs = [buffers(), buffers()]
     official, direct = (fi.graph_decode_wrapper(*b, tensor_cores) for b in bufs)
-    qo = torch.arange(rows + 1, dtype=torch.int32)
     for trial in range(4):
         pages_per_row = torch.randint(1, 1 + (8 if trial == 0 else 60), (rows,), dtype=torch.int32)
         indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages_per_row.cumsum(0).to(torch.int32)])
@@ -132,7 +131,7 @@ def test_direct_replan_equals_flashinfer_plan(tensor_cores: bool) -> None:
         for buffer, host in zip(bufs[1], (indptr, indices, last)):
             buffer[:host.shape[0]].copy_(host)
         kv_lens = (pages_per_row - 1) * ps + last
-        fi.replan_graph_wrapper(direct, qo, indptr, kv_lens, ps, causal=False)
+        fi.replan_graph_wrapper(direct, indptr, kv_lens, ps)
         torch.cuda.synchronize()
         assert list(direct._plan_info) == list(official._plan_info)
         assert torch.equal(direct.run(q, (cache.k[0], cache.v[0])), expected)

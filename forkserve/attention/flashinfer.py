@@ -175,47 +175,43 @@ class FlashInferBackend(AttentionBackend):
         staged.record()
         self._staged[id(wrapper)] = staged
 
-    def replan_graph_wrapper(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
-                             kv_lens: torch.Tensor, page_size: int, causal: bool) -> None:
-        """Plan a CUDA-graph wrapper (planned once through `plan` at capture) for a step's
+    def replan_graph_wrapper(self, wrapper, kv_indptr: torch.Tensor, kv_lens: torch.Tensor, page_size: int) -> None:
+        """Plan a CUDA-graph decode wrapper (planned once through `plan` at capture) for a step's
         lengths, its index buffers already filled on the device by the caller.
 
         FlashInfer's `plan` re-derives on the host what the caller already knows, with a Python
-        `max` over a tensor (about 3 ms per call at 1,000 rows, several calls a step). For a
-        graph wrapper only the kernel schedule changes between steps, so this runs FlashInfer's
-        scheduler directly on host int32 tensors: qo_indptr and kv_indptr [R + 1], kv_lens [R]
-        (KV tokens per request). `check_replan` proves at capture that both give one schedule.
+        `max` over a tensor (about 3 ms per call at 1,000 rows). For a graph wrapper only the
+        kernel schedule changes between steps, so this runs FlashInfer's scheduler directly on
+        host int32 tensors: kv_indptr [B + 1], kv_lens [B] (KV tokens per row). `check_replan`
+        proves at capture that both give one schedule.
         """
-        self._staged_plan(wrapper, lambda: self._schedule(wrapper, qo_indptr, kv_indptr, kv_lens, page_size, causal))
+        self._staged_plan(wrapper, lambda: self._schedule(wrapper, kv_indptr, kv_lens, page_size))
 
-    def _schedule(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_lens: torch.Tensor,
-                  page_size: int, causal: bool) -> None:
-        """FlashInfer 0.6.14's scheduler call as its plan() makes it for a CUDA-graph wrapper
-        (fa2 takes three more arguments than fa3, the CUDA-core decode kernel has a scheduler of
-        its own); the wrapper keeps the returned plan info."""
-        batch_size = kv_lens.shape[0]
-        if not getattr(wrapper, "use_tensor_cores", True):
+    def _schedule(self, wrapper, kv_indptr: torch.Tensor, kv_lens: torch.Tensor, page_size: int) -> None:
+        """FlashInfer 0.6.14's scheduler call as its decode wrapper's plan() makes it in CUDA-graph
+        mode: the tensor-core kernel is its fa2 prefill kernel with one query per row (fp8 would
+        pick another backend, which `check_replan` would refuse), the CUDA-core kernel has a
+        scheduler of its own. The wrapper keeps the returned plan info."""
+        rows = kv_lens.shape[0]
+        buffers = (wrapper._float_workspace_buffer, wrapper._int_workspace_buffer,
+                   wrapper._pin_memory_int_workspace_buffer)
+        if wrapper.use_tensor_cores:
+            one_query_each = torch.arange(rows + 1, dtype=torch.int32)
             wrapper._plan_info = wrapper._cached_module.plan(
-                wrapper._float_workspace_buffer, wrapper._int_workspace_buffer,
-                wrapper._pin_memory_int_workspace_buffer, kv_indptr, batch_size, self.num_q_heads, self.num_kv_heads,
-                page_size, True, -1, 0.0, self.head_dim, self.head_dim, torch.empty(0, dtype=self.dtype),
-                torch.empty(0, dtype=self.dtype))
-            return
-        total_rows = getattr(wrapper, "_max_total_num_rows", None) or batch_size
-        args = [wrapper._float_workspace_buffer, wrapper._int_workspace_buffer,
-                wrapper._pin_memory_int_workspace_buffer, qo_indptr, kv_indptr, kv_lens, total_rows, batch_size,
-                self.num_q_heads, self.num_kv_heads, page_size, True, self.head_dim, self.head_dim, causal, -1]
-        if wrapper._backend == "fa2":
-            args += [-1, False, 0]  # no fixed split size, split-kv allowed, no co-located CTAs
-        wrapper._plan_info = wrapper._cached_module.plan(*args)
+                *buffers, one_query_each, kv_indptr, kv_lens, rows, rows, self.num_q_heads, self.num_kv_heads,
+                page_size, True, self.head_dim, self.head_dim, False, -1,
+                -1, False, 0)  # not causal, no window; no fixed split size, split-kv allowed, no co-located CTAs
+        else:
+            wrapper._plan_info = wrapper._cached_module.plan(
+                *buffers, kv_indptr, rows, self.num_q_heads, self.num_kv_heads, page_size, True, -1, 0.0,
+                self.head_dim, self.head_dim, torch.empty(0, dtype=self.dtype), torch.empty(0, dtype=self.dtype))
 
-    def check_replan(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_lens: torch.Tensor,
-                     page_size: int, causal: bool) -> None:
+    def check_replan(self, wrapper, kv_indptr: torch.Tensor, kv_lens: torch.Tensor, page_size: int) -> None:
         """Raise unless `replan_graph_wrapper` reproduces the schedule of the wrapper's last `plan`
         (called with these lengths): guards against a FlashInfer whose internals moved."""
         torch.cuda.synchronize()
         official = list(wrapper._plan_info)
-        self._schedule(wrapper, qo_indptr, kv_indptr, kv_lens, page_size, causal)
+        self._schedule(wrapper, kv_indptr, kv_lens, page_size)
         torch.cuda.synchronize()
         if list(wrapper._plan_info) != official:
             raise RuntimeError(f"FlashInfer {self._flashinfer.__version__}: direct re-planning of CUDA-graph "
