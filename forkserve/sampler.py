@@ -3,8 +3,8 @@
 Draws use the exponential race, ``argmax(probs / E)`` with ``E = -log(U)``. For a seeded row,
 U is a counter-based hash of (seed, step, token id), so a seeded request draws the same tokens
 whatever else shares its batch and whichever row it lands on. On the GPU, a step whose rows are
-all plain (temperature only, unseeded, no logprobs) is drawn by one pass of a Triton kernel
-(forkserve/kernels/sampling.py) instead.
+all plain (temperature only, unseeded, no logprobs) is drawn by Triton kernels that read the
+logits once and invert the CDF (forkserve/kernels/sampling.py) instead.
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def _pad(rows: list[Sequence[int]], fill: int, device: torch.device) -> torch.Te
 
 
 def _is_plain(row: SamplingRow) -> bool:
-    """Temperature (or greedy) only, unseeded, no logprobs: what the one-pass GPU kernel draws."""
+    """Temperature (or greedy) only, unseeded, no logprobs: what the GPU sampling kernels draw."""
     p = row.params
     return row.seed is None and not row.blocked_token_ids and p.logprobs is None and p.top_k <= 0 \
         and p.top_p >= 1.0 and p.min_p <= 0.0 and p.repetition_penalty == 1.0 \

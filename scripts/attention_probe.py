@@ -4,9 +4,10 @@ bf16, 32 q / 8 kv heads, dim 128, pages of 16 tokens), timed as CUDA-graph repla
 own: FlashInfer's tensor-core decode (with and without split-KV) and CUDA-core decode over rows
 of own pages, bound to CUDA-graph buffers. level: FlashInfer's ragged prefill kernel (fa3, fa2)
 over 16 groups of 64 queries sharing 125 pages, eager and graph-bound. triton: the graph-bound
-FA3 level + merge_state against forkserve's Triton level + merge kernels. gemm: a layer's four
-GEMMs by row count. Run on the GPU machine:
-    python scripts/attention_probe.py [own,level,triton,gemm]
+FA3 level + merge_state against forkserve's Triton level + merge kernels. sweep: the Triton level
+kernel's tuning and split pages. sampler: the sampling kernel at decode batch sizes. gemm: a
+layer's four GEMMs by row count. Run on the GPU machine:
+    python scripts/attention_probe.py [own,level,triton,sweep,sampler,gemm]
 """
 from __future__ import annotations
 
@@ -161,6 +162,72 @@ def shared_level_triton(groups: int, per_group: int, shared: int) -> None:
           + f"; max |triton - fa3| {error:.4f}", flush=True)
 
 
+def level_sweep(groups: int, per_group: int, shared: int) -> None:
+    """The Triton level kernel + merge over tuning choices: keys per block, warps, pipeline stages,
+    and each group's pages split across `splits` items (each a partial of its own, merged after)."""
+    rows = groups * per_group
+    cache = kv_cache(groups * shared)
+    q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
+    own = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
+    own_lse = torch.randn(rows, HQ, device=DEVICE) + 8
+    pages = torch.randperm(groups * shared, dtype=torch.int32, device=DEVICE)
+    out, lse = own.clone(), own_lse.clone()
+    reference = None
+    results = []
+    for splits in (1, 2, 3, 4):
+        bounds = [shared * p // splits for p in range(splits + 1)]
+        items = [(g * per_group + first, min(LEVEL_TILE_TOKENS, per_group - first), g * shared + bounds[p],
+                  bounds[p + 1] - bounds[p], p)
+                 for g in range(groups) for first in range(0, per_group, LEVEL_TILE_TOKENS) for p in range(splits)]
+        work = torch.tensor(items, dtype=torch.int32, device=DEVICE)
+        num_items = torch.tensor([len(items)], dtype=torch.int32, device=DEVICE)
+        partial_out = torch.empty(splits, rows, HQ, DIM, device=DEVICE)
+        partial_lse = torch.empty(splits, rows, HQ, device=DEVICE)
+        counts = torch.full((rows,), splits, dtype=torch.int32, device=DEVICE)
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    config = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+
+                    def level_and_merge() -> None:
+                        sl.shared_level_attention(q, *cache, work, num_items, pages, partial_out, partial_lse,
+                                                  **config)
+                        sl.merge_partials_(out, lse, partial_out, partial_lse, counts)
+
+                    try:
+                        out.copy_(own)
+                        lse.copy_(own_lse)
+                        level_and_merge()
+                    except Exception as error:  # e.g. out of shared memory for this tile
+                        print(f"sweep {groups}x{per_group}x{shared} splits={splits} {config}: {type(error).__name__}")
+                        continue
+                    if reference is None:
+                        reference = out.clone()
+                    error = (out.float() - reference.float()).abs().max().item()
+                    ms = ms_per_call(level_and_merge)
+                    results.append((ms, splits, config, error))
+    results.sort(key=lambda r: r[0])
+    for ms, splits, config, error in results[:8]:
+        print(f"sweep {groups} groups x {per_group} x {shared} pages: splits={splits} {config}: {ms:.4f} ms "
+              f"(max diff {error:.4f})", flush=True)
+    default = next(r for r in results if r[1] == 1 and r[2] == dict(block_n=64, num_warps=4, num_stages=2))
+    print(f"sweep {groups} groups x {per_group} x {shared} pages: current choice {default[0]:.4f} ms", flush=True)
+
+
+def sampler_rows() -> None:
+    """The sampling kernels (forkserve/kernels/sampling.py) at nosharing's, samples' and sharedprefix's
+    decode batches, Llama 3's vocabulary, against reading the logits once."""
+    from forkserve.kernels import sampling
+
+    vocab = 128256
+    for rows in (140, 683, 1024):
+        logits = torch.randn(rows, vocab, device=DEVICE, dtype=DTYPE) * 3
+        timings = {f"T={t}": ms_per_call(lambda: sampling.sample(logits, torch.full((rows,), t, device=DEVICE), 7))
+                   for t in (1.0, 0.7, 0.0)}
+        timings["read once (amax)"] = ms_per_call(lambda: logits.amax(dim=1))
+        print(f"sampler {rows} rows: " + ", ".join(f"{name} {ms:.4f} ms" for name, ms in timings.items()), flush=True)
+
+
 def gemm_sizes() -> None:
     """cuBLAS at decode batch sizes: around nosharing's mean (140 rows), does padding pay; around
     samples' (683), how much a row costs against sharedprefix's (1,018)."""
@@ -190,5 +257,10 @@ if __name__ == "__main__":
     if "triton" in parts:
         for shape in ((16, 64, 125), (21, 32, 62), (32, 32, 125)):
             shared_level_triton(*shape)
+    if "sweep" in parts:
+        for shape in ((16, 64, 125), (21, 32, 62), (32, 32, 125), (24, 32, 62)):
+            level_sweep(*shape)
+    if "sampler" in parts:
+        sampler_rows()
     if "gemm" in parts:
         gemm_sizes()

@@ -1,12 +1,22 @@
-"""Shared fixtures: tiny checkpoints made once per test session."""
+"""Shared fixtures: tiny checkpoints made once per test session; engines freed after each test."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
 from forkserve.model.tiny import make_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _free_engines_after_each_test() -> Iterator[None]:
+    """An engine on the CPU holds a 1 GiB KV pool, and engines sit in reference cycles that only a
+    full garbage collection frees: collect after each test, or a file of engine tests can reach the
+    machine's memory before Python gets round to it."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """End to end on CPU: greedy output equals HF transformers' in every scheduling setting."""
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -144,6 +145,8 @@ def changed_after_construction(**changes: object) -> SamplingParams:
     ({"prompt_token_ids": []}, SamplingParams(), "prompt is empty"),
     ({"prompt_token_ids": [1, 10**9]}, SamplingParams(), "outside the vocabulary"),
     ({"prompt_token_ids": [-1]}, SamplingParams(), "outside the vocabulary"),
+    ({"prompt_token_ids": [1, True]}, SamplingParams(), "list of ints"),
+    ({"prompt_token_ids": [1, 2.0]}, SamplingParams(), "list of ints"),
     ({"prompt_token_ids": list(range(3, 300))}, SamplingParams(), "max_model_len"),
     ({"prompt_token_ids": [1, 2], "bogus": 1}, SamplingParams(), "bogus"),
     ({"prompt_token_ids": [1, 2]}, {"temperature": 0.5}, "SamplingParams"),
@@ -184,3 +187,21 @@ def test_invalid_sampling_params_name_the_field(field: str, value: float) -> Non
 def test_unknown_engine_argument(tiny_model_factory) -> None:
     with pytest.raises(ValueError, match="max_num_seq"):
         LLM(str(tiny_model_factory("llama")), device="cpu", max_num_seq=3)
+
+
+def test_generate_leaves_the_garbage_collector_as_it_found_it(tiny_model_factory) -> None:
+    """A batch runs with the objects alive at its start frozen (api._out_of_the_collectors_sight):
+    afterwards nothing of it stays frozen, and a caller's own freeze is left in place."""
+    llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype="float32")
+    frozen_during: list[int] = []
+    step = llm.engine.step
+    llm.engine.step = lambda: frozen_during.append(gc.get_freeze_count()) or step()
+    llm.generate([{"prompt_token_ids": [4, 5, 6]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        callers = gc.get_freeze_count()
+        llm.generate([{"prompt_token_ids": [7, 8]}], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert gc.get_freeze_count() >= callers
+    finally:
+        gc.unfreeze()

@@ -174,7 +174,7 @@ def test_fused_kernels_match_reference_layers() -> None:
     assert torch.equal(cache.k[0].view(-1, hkv, d)[slots], k) and torch.equal(cache.v[0].view(-1, hkv, d)[slots], v)
 
 
-def test_one_pass_sampler_kernel() -> None:
+def test_gpu_sampling_kernels() -> None:
     """Greedy rows take the argmax, sampled rows follow softmax(logits / T), logprobs are raw log-softmax."""
     from forkserve.kernels import sampling
 
@@ -192,6 +192,16 @@ def test_one_pass_sampler_kernel() -> None:
                                 random.randrange(1 << 31))
     frequencies = torch.bincount(tokens, minlength=8).float() / draws
     assert (frequencies - torch.softmax(small / 0.7, dim=-1)).abs().max() < 0.01  # ~5 standard errors
+
+    # Mass in several vocabulary slices (8,192 tokens each), at their edges, at T = 1 and T = 0.7.
+    spread = torch.full((10_000,), -30.0, device=device)
+    spread[[5, 8191, 8192, 9999]] = torch.tensor([1.0, 0.5, 0.0, 2.0], device=device)
+    for temperature in (1.0, 0.7):
+        tokens, logprobs = sampling.sample(spread.expand(draws, -1).contiguous(),
+                                           torch.full((draws,), temperature, device=device), random.randrange(1 << 31))
+        frequencies = torch.bincount(tokens, minlength=10_000).float() / draws
+        assert (frequencies - torch.softmax(spread / temperature, dim=-1)).abs().max() < 0.01
+        assert torch.allclose(logprobs, torch.log_softmax(spread, dim=-1)[tokens], atol=1e-4)
 
 
 NEAR_TIE = 2e-2  # fp16 logits: closer top-2 candidates may legitimately swap between kernels

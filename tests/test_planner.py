@@ -16,7 +16,7 @@ import pytest
 from forkserve import LLM, SamplingParams
 from forkserve.engine.pages import PagePool
 from forkserve.entrypoints.batch_runner import BatchRunner
-from forkserve.engine.planner import Planner
+from forkserve.engine.planner import Planner, _common_prefix_len
 from forkserve.engine.scheduler import Scheduler
 from forkserve.engine.summary import batch_summary, step_breakdown
 from forkserve.engine.sequence import Request, Sequence
@@ -184,7 +184,7 @@ def test_step_breakdown_splits_time_and_names_the_slowest_prefill_step() -> None
     series = [(0.0, 0, 100), (1.0, 2, 50), (5.0, 3, 0), (5.5, 3, 0), (6.25, 1, 0)]
     assert step_breakdown(series, end=6.5) == dict(
         decode_steps=3, decode_seconds=1.5, mean_decode_batch=round(7 / 3, 1), prefill_steps=2,
-        prefill_seconds=5.0, slowest_prefill_step_seconds=4.0)
+        prefill_seconds=5.0, slowest_prefill_step_seconds=4.0, slowest_prefill_step_index=1)
 
 
 def test_add_requests_refuses_taken_ids_and_queues_nothing(model_dir: str) -> None:
@@ -242,6 +242,16 @@ def drive(scheduler: Scheduler, max_steps: int = 1000) -> None:
 
 def pinned_pages(tree: PrefixTree) -> int:
     return sum(len(node.pages) for node in tree.iter_nodes() if node.pin_count)
+
+
+def test_common_prefix_len_matches_a_token_by_token_count() -> None:
+    rng = random.Random(5)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 80))]
+        b = a[:rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert _common_prefix_len(a, b, rng.choice([1, 4, 16])) == expected
+        assert _common_prefix_len(b, a, 16) == expected
 
 
 def test_members_wait_for_the_leader_then_share_its_pages() -> None:

@@ -5,8 +5,9 @@ Run on the GPU machine:
 Each workload runs as the bench builds it (one planned batch). The step's phases (scheduling,
 step metadata with cascade planning, graph planning and replay, sampling, reading tokens back)
 are wrapped in wall-clock timers; per phase it prints the mean milliseconds over decode-only
-steps of at least --min-rows rows. `to_host` is the host blocked on the GPU for the previous
-step's tokens: when it is large, steps run at GPU time. A CUDA event recorded as each step call
+steps of at least --min-rows rows, and one line per step with prefill tokens. `to_host` is the
+host blocked on the GPU for the previous step's tokens: when it is large, steps run at GPU time.
+The bench's warm-up batches run first. A CUDA event recorded as each step call
 starts gives the GPU clock from one step's queued work to the next's (the GPU time per step
 when the host is ahead). --kernels-at N adds a per-kernel profile of steps N..N+2. Timers cost
 microseconds per call; phases nest (build_metadata includes the cascade plan, DecodeGraphs.run
@@ -32,6 +33,7 @@ from forkserve.attention.cascade import CascadePlanner
 from forkserve.attention.flashinfer import FlashInferBackend
 from forkserve.bench.profile import kernel_totals_ms
 from forkserve.bench.run import model_dir_from_config
+from forkserve.bench.worker import warm_up_workloads
 from forkserve.bench.workloads import build
 from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.engine.engine import Engine
@@ -107,6 +109,12 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: int | None) -> 
     torch.cuda.synchronize()
     gpu_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)
               if steps[i][2] == 0 and steps[i][1] >= min_rows]
+    for i, (wall, decodes, prefills, phases) in enumerate(steps[:-1]):
+        if prefills:  # one line each: a slow one shows whether the host or the GPU took the time
+            top = sorted(phases.items(), key=lambda item: -item[1])[:3]
+            print(f"   prefill step {i}: {decodes} decode rows + {prefills} prefill tokens, wall {wall * 1e3:.1f} ms, "
+                  f"GPU clock to the next step {marks[i].elapsed_time(marks[i + 1]):.1f} ms; "
+                  + ", ".join(f"{label} {t * 1e3:.1f}" for label, t in top), flush=True)
     decode = [s for s in steps if s[2] == 0 and s[1] >= min_rows]
     prefill = [s for s in steps if s[2] > 0]
     if not decode:
@@ -132,8 +140,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(str(model_dir_from_config(args.model_config, Path(tmp) / "model")), load_format="dummy",
                   skip_tokenizer_init=True, dtype="bfloat16", max_num_seqs=1024, max_num_batched_tokens=16384, seed=0)
-    warmup = [{"prompt_token_ids": r.prompt_token_ids} for r in build("nosharing", 8, seed=1002).requests]
-    llm.generate(warmup, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # kernels built first
+    for warmup in warm_up_workloads():  # what the bench runs first: kernels built, allocator grown
+        llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup.requests],
+                     [SamplingParams(temperature=warmup.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
+                      for r in warmup.requests], use_tqdm=False)
     for name in args.workloads.split(","):
         run_workload(llm, name, args.min_rows, args.kernels_at)
 

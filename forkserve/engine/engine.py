@@ -149,7 +149,7 @@ class Engine:
                 raise ValueError(f"{label}: unknown prompt key(s) {unknown}; expected 'prompt' or 'prompt_token_ids'")
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                if not isinstance(ids, (list, tuple)) or not _all_ints(ids):
                     raise ValueError(f"{label}: prompt_token_ids must be a list of ints")
                 return self._check_tokens(list(ids), label, prompt.get("prompt"))
             if "prompt" in prompt:
@@ -160,9 +160,9 @@ class Engine:
         if not ids:
             raise ValueError(f"{label}: prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"{label}: prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
                              "(at least one token must be left to generate)")
@@ -576,6 +576,14 @@ class EngineCounters:
         self.decode_tokens += decodes
         self.prefill_tokens += prefills
         self.step_series.append((time.perf_counter(), decodes, prefills))
+
+
+def _all_ints(ids: list | tuple) -> bool:
+    """Every element an int and none a bool. Checked by type in C first: a batch of long prompts
+    (millions of ids) is validated before the first step, while the GPU waits."""
+    if set(map(type, ids)) <= {int}:
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
 
 
 def _reaches_length(num_tokens: int, seq: Sequence, max_model_len: int) -> bool:

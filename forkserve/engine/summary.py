@@ -34,22 +34,26 @@ def describe(summary: dict[str, int | float]) -> str:
             f"{s['pins_dropped']} pinned prefixes dropped")
 
 
-def step_breakdown(series: list[tuple[float, int, int]], end: float) -> dict[str, float]:
+def step_breakdown(series: list[tuple[float, int, int]], end: float) -> dict[str, float | int]:
     """Wall time of a batch's steps split into pure decode steps and steps with prefill tokens.
 
     series holds (start time, decode rows, prefill tokens) per step (`EngineCounters.step_series`)
-    and end is when the batch finished; the slowest prefill step tells a one-off stall (a kernel
-    built at its first use) from uniformly slow steps. A step's time is taken as the gap to the
-    next step's start; with async scheduling that gap is the GPU time of the step before, a
-    one-step shift that runs of similar steps make negligible.
+    and end is when the batch finished; the slowest prefill step (its time, and its place among the
+    batch's steps) tells a one-off stall (a kernel built at its first use) from uniformly slow
+    steps. A step's time is taken as the gap to the next step's start; with async scheduling that
+    gap is the GPU time of the step before, a one-step shift that runs of similar steps make
+    negligible (where in a step the host waits can move time between two neighbours: a slow
+    step next to a fast one is that, not a stall).
     """
     decode_s = prefill_s = slowest_prefill_s = 0.0
     decode_steps = decode_rows = prefill_steps = 0
-    for (start, decodes, prefills), following in zip(series, [s[0] for s in series[1:]] + [end]):
+    slowest_prefill_index = -1
+    for index, ((start, decodes, prefills), following) in enumerate(zip(series, [s[0] for s in series[1:]] + [end])):
         if prefills:
             prefill_steps += 1
             prefill_s += following - start
-            slowest_prefill_s = max(slowest_prefill_s, following - start)
+            if following - start > slowest_prefill_s:
+                slowest_prefill_s, slowest_prefill_index = following - start, index
         else:
             decode_steps += 1
             decode_rows += decodes
@@ -57,4 +61,4 @@ def step_breakdown(series: list[tuple[float, int, int]], end: float) -> dict[str
     return dict(decode_steps=decode_steps, decode_seconds=round(decode_s, 3),
                 mean_decode_batch=round(decode_rows / decode_steps, 1) if decode_steps else 0.0,
                 prefill_steps=prefill_steps, prefill_seconds=round(prefill_s, 3),
-                slowest_prefill_step_seconds=round(slowest_prefill_s, 3))
+                slowest_prefill_step_seconds=round(slowest_prefill_s, 3), slowest_prefill_step_index=slowest_prefill_index)
