@@ -99,11 +99,14 @@ def shared_level(groups: int = 16, per_group: int = 64, shared: int = 125) -> No
                   f"{ms:.3f} ms", flush=True)
 
 
-def level_work(groups: int, per_group: int, shared: int) -> torch.Tensor:
+def level_work(groups: int, per_group: int, shared: int, splits: int = 1) -> torch.Tensor:
     """Work items of the Triton level kernel, cut as `cascade.level_work` cuts them: each group's
-    queries in tiles of LEVEL_TILE_TOKENS over the group's pages, partials in slot 0."""
-    items = [(g * per_group + first, min(LEVEL_TILE_TOKENS, per_group - first), g * shared, shared, 0)
-             for g in range(groups) for first in range(0, per_group, LEVEL_TILE_TOKENS)]
+    queries in tiles of LEVEL_TILE_TOKENS over the group's pages, partials in slot 0; with
+    splits > 1, each tile's pages cut into that many items, partials in slots 0 .. splits - 1."""
+    bounds = [shared * p // splits for p in range(splits + 1)]
+    items = [(g * per_group + first, min(LEVEL_TILE_TOKENS, per_group - first), g * shared + bounds[p],
+              bounds[p + 1] - bounds[p], p)
+             for g in range(groups) for first in range(0, per_group, LEVEL_TILE_TOKENS) for p in range(splits)]
     return torch.tensor(items, dtype=torch.int32, device=DEVICE)
 
 
@@ -175,12 +178,8 @@ def level_sweep(groups: int, per_group: int, shared: int) -> None:
     reference = None
     results = []
     for splits in (1, 2, 3, 4):
-        bounds = [shared * p // splits for p in range(splits + 1)]
-        items = [(g * per_group + first, min(LEVEL_TILE_TOKENS, per_group - first), g * shared + bounds[p],
-                  bounds[p + 1] - bounds[p], p)
-                 for g in range(groups) for first in range(0, per_group, LEVEL_TILE_TOKENS) for p in range(splits)]
-        work = torch.tensor(items, dtype=torch.int32, device=DEVICE)
-        num_items = torch.tensor([len(items)], dtype=torch.int32, device=DEVICE)
+        work = level_work(groups, per_group, shared, splits)
+        num_items = torch.tensor([work.shape[0]], dtype=torch.int32, device=DEVICE)
         partial_out = torch.empty(splits, rows, HQ, DIM, device=DEVICE)
         partial_lse = torch.empty(splits, rows, HQ, device=DEVICE)
         counts = torch.full((rows,), splits, dtype=torch.int32, device=DEVICE)
