@@ -19,20 +19,13 @@ import numpy as np
 import torch
 
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.flashinfer import FLASHINFER_WRAPPER_BYTES, DecodeLevels, FlashInferBackend
+from forkserve.attention.flashinfer import (CUDA_CORE_DECODE_MAX_PAGES, FLASHINFER_WRAPPER_BYTES, DecodeLevels,
+                                            FlashInferBackend, decode_uses_tensor_cores)
 from forkserve.engine.pages import KVCache
 from forkserve.model.llama import LlamaForCausalLM
 from forkserve.transfer import fill_from_host
 
 logger = logging.getLogger(__name__)
-
-# When FlashInfer's CUDA-core decode kernel beats its tensor-core one: up to this many KV pages
-# per row on average, and at large batches (enough rows to fill the GPU) up to the second. H100,
-# one layer (`scripts/attention_probe.py own`, CUDA-core vs tensor-core ms): 1,024 rows of ~11
-# pages 0.264 vs 0.337; 704 rows of 1-33 pages 0.284 vs 0.301, 24-32 0.447 vs 0.459, 40-48
-# 0.701 vs 0.704; 140 rows of 7-130 pages 0.336 vs 0.234.
-CUDA_CORE_DECODE_MAX_PAGES = 24
-CUDA_CORE_DECODE_MAX_PAGES_LARGE_BATCH = (512, 48)  # (rows from, mean pages up to)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -101,7 +94,8 @@ class DecodeGraphs:
 
                 def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size=size, decode=decode,
                               levels=self.levels if with_levels else ()) -> torch.Tensor:
-                    return self.backend.run(decode, layer, q, k, v, self.kv_cache, self.slots[:size], levels)
+                    return self.backend.run([(decode, slice(None))], layer, q, k, v, self.kv_cache, self.slots[:size],
+                                            levels)
 
                 self.model(self.input_ids[:size], self.positions[:size], attention)  # warm-up outside the graph
                 torch.cuda.synchronize()
@@ -158,10 +152,8 @@ class DecodeGraphs:
     def uses_tensor_cores(self, meta: AttentionMetadata) -> bool:
         """Whether a step's own-pages decode runs FlashInfer's tensor-core kernel (long page lists)
         rather than its CUDA-core one."""
-        pages, rows = (meta.kv_indices if meta.cascade is None else meta.cascade.own_indices).shape[0], meta.num_seqs
-        large_rows, large_pages = CUDA_CORE_DECODE_MAX_PAGES_LARGE_BATCH
-        cuda_cores = pages <= self.cuda_core_max_pages * rows or (rows >= large_rows and pages <= large_pages * rows)
-        return not cuda_cores
+        pages = (meta.kv_indices if meta.cascade is None else meta.cascade.own_indices).shape[0]
+        return decode_uses_tensor_cores(pages, meta.num_seqs, self.cuda_core_max_pages)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The decode forward's hidden states for the batch's rows, by graph replay."""

@@ -30,11 +30,12 @@ def step_metadata(page_tables: list[list[int]], context_lens: list[int], query_l
 
 def shared_prefix_step(rng: random.Random, depth: int, fanout: int, copies: int, max_run_pages: int, max_tail: int,
                        decode: bool, page_size: int, num_pages: int, device: torch.device,
-                       sort: bool = False) -> tuple[AttentionMetadata, list[list[TreeNode]]]:
+                       sort: bool = False, mixed: bool = False) -> tuple[AttentionMetadata, list[list[TreeNode]]]:
     """A step of sequences whose prompts form a random tree `depth` runs deep (system prompt ->
     document -> question ...), each node with 1..fanout children and each leaf run by 1..copies
     sequences (samples), every sequence with its own tail of 1..max_tail tokens, in random order
-    or (sort) in the engine's order, by tree path.
+    or (sort) in the engine's order, by tree path. Mixed (with decode False): about half the
+    sequences decode, and, as the engine orders a step that also prefills, come first.
 
     The prompts go through a real PrefixTree, so the returned paths are what the engine sees.
     """
@@ -59,10 +60,12 @@ def shared_prefix_step(rng: random.Random, depth: int, fanout: int, copies: int,
         tree.publish(kv, prompt)
         tables.append(list(kv.page_table()))
         context_lens.append(len(prompt) + tail)
-        query_lens.append(1 if decode else rng.randint(1, tail))
+        query_lens.append(1 if decode or (mixed and rng.random() < 0.5) else rng.randint(1, tail))
     # Paths read last: later sequences may have split nodes on earlier ones' paths.
     paths = [kv.node.path() for kv in kvs]
     order = path_order(paths) if sort else list(range(len(paths)))
+    if mixed:
+        order.sort(key=lambda i: query_lens[i] != 1)
     meta = step_metadata([tables[i] for i in order], [context_lens[i] for i in order], [query_lens[i] for i in order],
                          page_size, device)
     return meta, [paths[i] for i in order]

@@ -33,3 +33,21 @@ def test_warm_ups_share_no_prefix_with_the_timed_batches() -> None:
     timed = first_pages([build(name) for name in ("sharedprefix", "samples", "nosharing")])
     warm = first_pages(warm_up_workloads())
     assert warm and not timed & warm
+
+
+def test_idle_between_kernels_sums_gaps_by_the_kernels_around_them() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from forkserve.bench.profile import idle_between_kernels
+
+    def event(start: float, end: float, name: str, device=torch.autograd.DeviceType.CUDA) -> SimpleNamespace:
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name, device_type=device)
+
+    # us: a [0, 100), b [90, 150) overlapping a, gap 50, a [200, 300), gap 100, copy [400, 410); a CPU event ignored
+    events = [event(200, 300, "a"), event(0, 100, "a"), event(90, 150, "b"), event(400, 410, "copy"),
+              event(150, 390, "host", torch.autograd.DeviceType.CPU)]
+    span, busy, gaps = idle_between_kernels(SimpleNamespace(events=lambda: events))
+    assert span == pytest.approx(0.410) and busy == pytest.approx(0.260)
+    assert gaps == [(pytest.approx(0.1), 1, "a", "copy"), (pytest.approx(0.05), 1, "b", "a")]

@@ -89,16 +89,17 @@ RULES = [CascadeRule(1, 1, max_levels=4), CascadeRule(8, 1, max_levels=4), Casca
 
 @settings(max_examples=80, deadline=None)
 @given(depth=st.integers(1, 4), fanout=st.integers(1, 3), copies=st.integers(1, 4), decode=st.booleans(),
-       rule=st.sampled_from(RULES), sort=st.booleans(), seed=st.integers(0, 1 << 16))
+       rule=st.sampled_from(RULES), sort=st.booleans(), mixed=st.booleans(), seed=st.integers(0, 1 << 16))
 def test_cascade_equals_plain_attention(depth: int, fanout: int, copies: int, decode: bool, rule: CascadeRule,
-                                        sort: bool, seed: int) -> None:
+                                        sort: bool, mixed: bool, seed: int) -> None:
     """Random trees 1-4 deep: fp32 cascade output equals plain attention to 1e-5, each page read
-    once; with the batch in path order, each group is one request."""
+    once; with the batch in path order, each group is one request (two at most when its decoding
+    members come first, as in a step that also prefills)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     cpu = torch.device("cpu")
     meta, paths = shared_prefix_step(rng, depth, fanout, copies, max_run_pages=5, max_tail=9, decode=decode,
-                                     page_size=PAGE, num_pages=NUM_PAGES, device=cpu, sort=sort)
+                                     page_size=PAGE, num_pages=NUM_PAGES, device=cpu, sort=sort, mixed=mixed)
     plan = plan_for(meta, paths, rule)
     shared = any(len([p for p in paths if node in p]) > 1 for path in paths for node in path)
     if rule.min_segment_tokens_saved == rule.min_level_tokens_saved == 1:
@@ -112,7 +113,8 @@ def test_cascade_equals_plain_attention(depth: int, fanout: int, copies: int, de
     if sort:
         for requests in group_requests(plan):
             page_lists = [tuple(pages) for _, pages in requests]
-            assert len(page_lists) == len(set(page_lists)), "a group split into several requests"
+            most = 2 if mixed and not decode else 1
+            assert all(page_lists.count(pages) <= most for pages in page_lists), "a group split into several requests"
     cache = KVCache(NUM_PAGES, PAGE, 1, 2, 8, torch.float32, cpu)
     cache.k.normal_()
     cache.v.normal_()

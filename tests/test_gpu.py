@@ -34,15 +34,18 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
-@pytest.mark.parametrize("decode", [True, False])
-def test_flashinfer_matches_reference(decode: bool) -> None:
+@pytest.mark.parametrize("step", ["decode", "prefill", "mixed"])
+def test_flashinfer_matches_reference(step: str) -> None:
+    """Decode, prefill, and a step whose first rows decode (the engine's order when a step also
+    prefills: those rows go through the decode kernel)."""
     from forkserve.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, ps, layers = 32, 8, 128, 16, 2
     n = 37
-    context = [random.randint(1, 900) for _ in range(n)]
-    query = [1] * n if decode else [random.randint(1, c) for c in context]
+    context = [random.randint(2, 900) for _ in range(n)]
+    query = [1 if step == "decode" or (step == "mixed" and b < n // 2) else random.randint(2, c)
+             for b, c in enumerate(context)]
     num_pages = sum(-(-c // ps) for c in context) + 50
     cache_ref = KVCache(num_pages, ps, layers, hkv, d, dtype, device)
     cache_ref.k.normal_()
@@ -63,10 +66,11 @@ def test_flashinfer_matches_reference(decode: bool) -> None:
     assert torch.equal(cache_fi.k, cache_ref.k) and torch.equal(cache_fi.v, cache_ref.v)
 
 
-@pytest.mark.parametrize("decode", [True, False])
-def test_flashinfer_cascade_matches_plain_reference(decode: bool) -> None:
+@pytest.mark.parametrize("step", ["decode", "prefill", "mixed"])
+def test_flashinfer_cascade_matches_plain_reference(step: str) -> None:
     """Random trees 1-4 deep in bf16: the GPU's levels (decode: the Triton shared-level and merge
-    kernels; prefill: FlashInfer's prefill kernel + merge_state) equal plain attention."""
+    kernels; prefill: FlashInfer's prefill kernel + merge_state) equal plain attention, also in a
+    step whose decoding rows come first and go through the decode kernel."""
     from forkserve.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -76,8 +80,8 @@ def test_flashinfer_cascade_matches_plain_reference(decode: bool) -> None:
     for _ in range(6):
         rng = random.Random(random.randrange(1 << 30))
         meta, paths = shared_prefix_step(rng, rng.randint(1, 4), fanout=3, copies=5, max_run_pages=12, max_tail=70,
-                                         decode=decode, page_size=ps, num_pages=num_pages, device=device,
-                                         sort=rng.random() < 0.5)
+                                         decode=step == "decode", page_size=ps, num_pages=num_pages, device=device,
+                                         sort=rng.random() < 0.5, mixed=step == "mixed")
         plan = plan_cascade(paths, meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(), ps,
                             num_pages, device, CascadeRule(1, 1, max_levels=4))
         if plan is None:

@@ -28,8 +28,53 @@ from forkserve.engine.pages import KVCache
 from forkserve.kernels import gpu_kernels
 from forkserve.transfer import fill_from_host, to_device
 
+# When FlashInfer's CUDA-core decode kernel beats its tensor-core one: up to this many KV pages
+# per row on average, and at large batches (enough rows to fill the GPU) up to the second. H100,
+# one layer (`scripts/attention_probe.py own`, CUDA-core vs tensor-core ms): 1,024 rows of ~11
+# pages 0.264 vs 0.337; 704 rows of 1-33 pages 0.284 vs 0.301, 24-32 0.447 vs 0.459, 40-48
+# 0.701 vs 0.704; 140 rows of 7-130 pages 0.336 vs 0.234.
+CUDA_CORE_DECODE_MAX_PAGES = 24
+CUDA_CORE_DECODE_MAX_PAGES_LARGE_BATCH = (512, 48)  # (rows from, mean pages up to)
+
 WORKSPACE_BYTES = 768 << 20  # split-kv partials of a 1024-row decode step need ~320 MB
 FLASHINFER_WRAPPER_BYTES = 8 << 20  # FlashInfer gives every wrapper a schedule buffer of this size on the device
+
+
+# One kernel's share of a step's own-pages attention: the wrapper, and the query tokens it takes
+# (a decode wrapper the step's leading single-token rows, a prefill wrapper the rest).
+AttentionPart = tuple[object, slice]
+
+
+def decode_uses_tensor_cores(num_pages: int, rows: int, cuda_core_max_pages: int = CUDA_CORE_DECODE_MAX_PAGES
+                             ) -> bool:
+    """Whether decoding `rows` rows over `num_pages` KV pages in all runs FlashInfer's tensor-core
+    kernel (long page lists) rather than its CUDA-core one."""
+    large_rows, large_pages = CUDA_CORE_DECODE_MAX_PAGES_LARGE_BATCH
+    cuda_cores = num_pages <= cuda_core_max_pages * rows or (rows >= large_rows and num_pages <= large_pages * rows)
+    return not cuda_cores
+
+
+def _pin_flashinfer_query_range(length: int) -> None:
+    """Pin the host arange (one query per row) that FlashInfer 0.6.14's eager decode plan() copies
+    to the device: it comes from a cache of pageable tensors, and a pageable copy waits for the
+    whole stream, so the GPU would drain while the host plans a step that also prefills."""
+    from flashinfer import utils
+
+    size = 1 << (length - 1).bit_length()  # the cache's key: the next power of two
+    key = (f"range_{size}", "cpu")
+    cached = utils._cache_buf.get(key)
+    if cached is None or not cached.is_pinned():
+        utils._cache_buf[key] = torch.arange(size, dtype=torch.int32).pin_memory()
+
+
+def _prefill_lengths(qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
+                     page_size: int) -> dict[str, object]:
+    """What a prefill wrapper's plan() would otherwise derive itself: KV tokens per request (pinned)
+    and the longest query. Its own derivation copies the lengths to the device from pageable
+    memory, which waits for the whole stream, so the GPU would drain while the host plans."""
+    kv_lens = np.maximum(np.diff(kv_indptr.numpy()) - 1, 0) * page_size + kv_last_page_len.numpy()
+    return dict(seq_lens=torch.from_numpy(kv_lens.astype(np.int32)).pin_memory(),
+                max_token_per_sequence=int(np.diff(qo_indptr.numpy()).max()))
 
 
 class DecodeLevels:
@@ -89,8 +134,9 @@ class FlashInferBackend(AttentionBackend):
         self.dtype = dtype
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
-        self._active = self._decode
+        self._decode = {tensor_cores: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=tensor_cores) for tensor_cores in (True, False)}
+        self._active: list[AttentionPart] = []  # this step's own-pages attention (see prepare)
         self._levels: list = []  # one prefill wrapper per shared level of cascade plans, made as needed
         self._active_levels: list[tuple[object, torch.Tensor]] | DecodeLevels = []  # this step's levels (see run)
         self._staged: dict[int, torch.cuda.Event] = {}  # per wrapper: when its last plan's copies are queued
@@ -99,16 +145,32 @@ class FlashInferBackend(AttentionBackend):
         self._graph_schedule = torch.empty(FLASHINFER_WRAPPER_BYTES, dtype=torch.uint8, device=device)
 
     def prepare(self, meta: AttentionMetadata, kv_cache: KVCache) -> None:
+        """Plan the step's own-pages attention and its levels.
+
+        The step's leading single-token rows (all of a decode step; the decoding sequences the
+        engine puts first in a step that also prefills) go through a decode kernel: a prefill
+        kernel gives each such row a whole tile of queries, about five times the decode kernel's
+        time per row. The other rows go through the causal prefill kernel.
+        """
         plan = meta.cascade
         kv_indptr, kv_indices = (meta.kv_indptr, meta.kv_indices) if plan is None else (plan.own_indptr, plan.own_indices)
-        if meta.is_decode:
-            self.plan_decode(self._decode, kv_indptr, kv_indices, meta.kv_last_page_len, kv_cache)
-            self._active = self._decode
-        else:
-            self._plan(self._prefill, meta.query_start, kv_indptr, kv_indices, meta.kv_last_page_len,
+        last_page_len = meta.kv_last_page_len
+        query_lens = np.diff(meta.query_start.numpy())
+        decoded = meta.num_seqs if meta.is_decode else int(np.argmax(query_lens != 1))
+        self._active = []
+        if decoded:
+            pages = int(kv_indptr[decoded])
+            wrapper = self._decode[decode_uses_tensor_cores(pages, decoded)]
+            self.plan_decode(wrapper, kv_indptr[:decoded + 1], kv_indices[:pages], last_page_len[:decoded], kv_cache)
+            self._active.append((wrapper, slice(0, decoded)))
+        if decoded < meta.num_seqs:
+            query_start, kv_indptr = meta.query_start[decoded:] - decoded, kv_indptr[decoded:]
+            kv_indices, kv_indptr = kv_indices[int(kv_indptr[0]):], kv_indptr - kv_indptr[0]
+            self._plan(self._prefill, query_start, kv_indptr, kv_indices, last_page_len[decoded:],
                        self.num_q_heads, self.num_kv_heads, self.head_dim, kv_cache.page_size,
-                       causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
-            self._active = self._prefill
+                       causal=True, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype,
+                       **_prefill_lengths(query_start, kv_indptr, last_page_len[decoded:], kv_cache.page_size))
+            self._active.append((self._prefill, slice(decoded, None)))
         self._active_levels = []
         if meta.is_decode and plan is not None:
             self._active_levels = DecodeLevels.for_work(plan.work, len(plan.levels), self.num_q_heads, self.head_dim,
@@ -141,12 +203,15 @@ class FlashInferBackend(AttentionBackend):
         """Plan one shared level of a prefill step: every request sees all of its pages (non-causal)."""
         self._plan(wrapper, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads,
                    self.head_dim, kv_cache.page_size, causal=False, q_data_type=self.dtype,
-                   kv_data_type=kv_cache.k.dtype)
+                   kv_data_type=kv_cache.k.dtype,
+                   **_prefill_lengths(qo_indptr, kv_indptr, kv_last_page_len, kv_cache.page_size))
 
     def plan_decode(self, wrapper, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                     kv_last_page_len: torch.Tensor, kv_cache: KVCache) -> None:
         if wrapper.is_cuda_graph_enabled:  # it would copy host indices into its buffer with a blocking copy
             kv_indices = to_device(kv_indices, self._workspace.device)
+        else:
+            _pin_flashinfer_query_range(kv_last_page_len.shape[0] + 1)
         self._plan(wrapper, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads, self.num_kv_heads,
                    self.head_dim, kv_cache.page_size, q_data_type=self.dtype, kv_data_type=kv_cache.k.dtype)
 
@@ -217,21 +282,30 @@ class FlashInferBackend(AttentionBackend):
             raise RuntimeError(f"FlashInfer {self._flashinfer.__version__}: direct re-planning of CUDA-graph "
                                "wrappers differs from plan(); this forkserve needs flashinfer-python 0.6.14")
 
-    def run(self, wrapper, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-            slot_mapping: torch.Tensor, levels: Sequence[tuple[object, torch.Tensor]] | DecodeLevels = ()
-            ) -> torch.Tensor:
-        """Store the new K/V, attend with `wrapper`, and merge in the shared levels: a decode step's
-        `DecodeLevels`, or a prefill step's (level wrapper, member mask) pairs."""
+    def run(self, parts: Sequence[AttentionPart], layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            kv_cache: KVCache, slot_mapping: torch.Tensor,
+            levels: Sequence[tuple[object, torch.Tensor]] | DecodeLevels = ()) -> torch.Tensor:
+        """Store the new K/V, attend to the own pages with each part's wrapper, and merge in the
+        shared levels: a decode step's `DecodeLevels`, or a prefill step's (level wrapper, member
+        mask) pairs."""
         write_kv(layer, k, v, kv_cache, slot_mapping)
         cache = (kv_cache.k[layer], kv_cache.v[layer])
         q = q.contiguous()
+        # Outputs given uninitialised: FlashInfer's prefill wrappers zero-fill the ones they allocate
+        # (a full write per layer), and every row of a plan has keys, so the kernels write all of it.
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if levels else None
+        for wrapper, rows in parts:
+            if lse is None:
+                wrapper.run(q[rows], cache, out=out[rows])
+            else:
+                wrapper.run(q[rows], cache, out=out[rows], lse=lse[rows], return_lse=True)
         if not levels:
-            return wrapper.run(q, cache)
-        out, lse = wrapper.run(q, cache, return_lse=True)
+            return out
         if isinstance(levels, DecodeLevels):
             levels.merge_into(q, cache, out, lse)
             return out
         for level_wrapper, member in levels:
-            part, part_lse = level_wrapper.run(q, cache, return_lse=True)
+            part, part_lse = level_wrapper.run(q, cache, return_lse=True, out=torch.empty_like(q))
             self._flashinfer.merge_state_in_place(out, lse, part, part_lse, mask=member)
         return out

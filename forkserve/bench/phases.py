@@ -9,7 +9,8 @@ steps of at least --min-rows rows, and one line per step with prefill tokens. `t
 host blocked on the GPU for the previous step's tokens: when it is large, steps run at GPU time.
 The bench's warm-up batches run first. A CUDA event recorded as each step call
 starts gives the GPU clock from one step's queued work to the next's (the GPU time per step
-when the host is ahead). --kernels-at N adds a per-kernel profile of steps N..N+2. Timers cost
+when the host is ahead). --kernels-at N[,M...] adds a per-kernel profile of steps N..N+2 (each
+listed N) and the GPU's idle time between kernels there, by the kernels around each gap. Timers cost
 microseconds per call; phases nest (build_metadata includes the cascade plan, DecodeGraphs.run
 the graph's FlashInfer planning).
 """
@@ -31,7 +32,7 @@ import forkserve.runner as runner_module
 from forkserve.api import LLM
 from forkserve.attention.cascade import CascadePlanner
 from forkserve.attention.flashinfer import FlashInferBackend
-from forkserve.bench.profile import kernel_totals_ms
+from forkserve.bench.profile import idle_between_kernels, kernel_totals_ms
 from forkserve.bench.run import model_dir_from_config
 from forkserve.bench.worker import warm_up_workloads
 from forkserve.bench.workloads import build
@@ -72,7 +73,19 @@ def timed_phases(totals: dict[str, float]) -> Iterator[None]:
             setattr(owner, name, fn)
 
 
-def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: int | None) -> None:
+def print_kernels(profiler: profile, title: str, name_chars: int) -> None:
+    """Per step of three profiled ones: the kernels' time by name, and the GPU's idle time between them."""
+    totals = kernel_totals_ms(profiler)
+    span, busy, gaps = idle_between_kernels(profiler)
+    print(f"{title}: kernels {sum(totals.values()) / 3:.2f} ms per step; GPU timeline {span / 3:.2f} ms per step, "
+          f"busy {busy / 3:.2f}, idle {(span - busy) / 3:.2f}", flush=True)
+    for kernel, ms in sorted(totals.items(), key=lambda item: -item[1])[:16]:
+        print(f"   {ms / 3:8.3f} ms  {kernel[:name_chars]}", flush=True)
+    for ms, count, before, after in gaps:
+        print(f"   idle {ms / 3:7.3f} ms per step in {count / 3:.0f} gaps: after {before} / before {after}", flush=True)
+
+
+def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], name_chars: int) -> None:
     engine = llm.engine
     workload = build(name)
     engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
@@ -81,10 +94,11 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: int | None) -> 
                          for i, r in enumerate(workload.requests)])
     steps: list[tuple[float, int, int, dict[str, float]]] = []  # wall, decode rows, prefill tokens, phases
     marks: list[torch.cuda.Event] = []  # recorded on the stream as each step call starts (never waited on here)
-    profiler = None
+    profiler, profiled_from = None, 0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
-        if kernels_at is not None and len(steps) == kernels_at:
+        if len(steps) in kernels_at:
+            profiled_from = len(steps)
             profiler = profile(activities=[ProfilerActivity.CUDA])
             profiler.__enter__()
         phases: dict[str, float] = defaultdict(float)
@@ -97,13 +111,11 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: int | None) -> 
         wall = time.perf_counter() - t
         steps.append((wall, engine.counters.decode_tokens - decodes, engine.counters.prefill_tokens - prefills,
                       phases))
-        if profiler is not None and len(steps) == kernels_at + 3:
+        if profiler is not None and len(steps) == profiled_from + 3:
             profiler.__exit__(None, None, None)
-            totals = kernel_totals_ms(profiler)
-            print(f"{name}: kernels of steps {kernels_at}-{kernels_at + 2}, "
-                  f"{sum(totals.values()) / 3:.2f} ms per step", flush=True)
-            for kernel, ms in sorted(totals.items(), key=lambda item: -item[1])[:16]:
-                print(f"   {ms / 3:8.3f} ms  {kernel[:110]}", flush=True)
+            print_kernels(profiler, f"{name}: steps {profiled_from}-{profiled_from + 2} "
+                                    f"({sum(s[1] for s in steps[-3:])} decode rows, {sum(s[2] for s in steps[-3:])} "
+                                    f"prefill tokens)", name_chars)
             profiler = None
     seconds = time.perf_counter() - start
     torch.cuda.synchronize()
@@ -135,7 +147,8 @@ def main() -> None:
     parser.add_argument("model_config")
     parser.add_argument("--workloads", default="sharedprefix,samples")
     parser.add_argument("--min-rows", type=int, default=500)
-    parser.add_argument("--kernels-at", type=int, default=None, metavar="STEP")
+    parser.add_argument("--kernels-at", default="", metavar="STEP[,STEP...]")
+    parser.add_argument("--name-chars", type=int, default=110, help="kernel names printed up to this length")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(str(model_dir_from_config(args.model_config, Path(tmp) / "model")), load_format="dummy",
@@ -145,7 +158,8 @@ def main() -> None:
                      [SamplingParams(temperature=warmup.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
                       for r in warmup.requests], use_tqdm=False)
     for name in args.workloads.split(","):
-        run_workload(llm, name, args.min_rows, args.kernels_at)
+        run_workload(llm, name, args.min_rows, [int(step) for step in args.kernels_at.split(",") if step],
+                     args.name_chars)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,31 @@ def kernel_totals_ms(prof: profile) -> dict[str, float]:
     return totals
 
 
+def idle_between_kernels(prof: profile, top: int = 8) -> tuple[float, float, list[tuple[float, int, str, str]]]:
+    """The GPU timeline of a profile: its span and busy milliseconds, and where it sat idle.
+
+    Idle time is attributed to the pair of kernels (or copies) around each gap, summed by pair:
+    (ms, gaps, before, after), largest first. Gaps inside a CUDA graph are launch latency; gaps
+    around copies and launches outside one are where the stream waited for the host.
+    """
+    spans = sorted((event.time_range.start, event.time_range.end, event.name) for event in prof.events()
+                   if event.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        return 0.0, 0.0, []
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    busy, end, before = 0.0, spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            pair = by_pair.setdefault((before[:60], name[:60]), [0.0, 0])
+            pair[0] += (start - end) / 1000.0
+            pair[1] += 1
+        busy += max(0.0, stop - max(start, end)) / 1000.0
+        if stop > end:
+            end, before = stop, name
+    ranked = sorted(((ms, count, a, b) for (a, b), (ms, count) in by_pair.items()), reverse=True)[:top]
+    return (end - spans[0][0]) / 1000.0, busy, ranked
+
+
 def kernel_times_ms(totals: dict[str, float]) -> dict[str, float]:
     """Total GPU kernel time by kind (memcpy/memset included in 'other')."""
     kinds = {"attention": 0.0, "gemm": 0.0, "other": 0.0}

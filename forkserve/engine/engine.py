@@ -301,8 +301,13 @@ class Engine:
         scheduling, in the step before it, whose tokens are read once this one is queued)."""
         batch = self.scheduler.schedule()
         if self.runner.cascade is not None and len(batch) > 1:
-            # Sequences under one tree node adjacent: each shared group is one attention request.
+            # Sequences under one tree node adjacent: each shared group is one attention request
+            # (two in a step that also prefills, where its decoding members come first).
             batch = [batch[i] for i in self.runner.cascade.order([item.seq.kv.node for item in batch])]
+        if any(item.num_new_tokens != 1 for item in batch):
+            # Single-token rows first (a stable sort): the GPU backend runs them through its decode
+            # kernel, as one run of rows, and only the others through the prefill kernel.
+            batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)
         samplers = [item.seq for item in batch if item.samples]
         finished: list[RequestOutput] = []
         had_in_flight = self._in_flight is not None
