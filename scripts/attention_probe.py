@@ -232,7 +232,7 @@ def gemm_sizes() -> None:
     samples' (683), how much a row costs against sharedprefix's (1,018)."""
     shapes = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
     weights = {name: torch.randn(n, k, device=DEVICE, dtype=DTYPE) for name, (k, n) in shapes.items()}
-    for rows in (128, 140, 144, 160, 512, 640, 683, 704, 736, 768, 896, 1018, 1024):
+    for rows in (128, 140, 144, 160, 512, 640, 672, 683, 688, 704, 736, 768, 896, 1018, 1024):
         x = {name: torch.randn(rows, k, device=DEVICE, dtype=DTYPE) for name, (k, n) in shapes.items()}
         total = 0.0
         for name, w in weights.items():

@@ -51,3 +51,21 @@ def test_idle_between_kernels_sums_gaps_by_the_kernels_around_them() -> None:
     span, busy, gaps = idle_between_kernels(SimpleNamespace(events=lambda: events))
     assert span == pytest.approx(0.410) and busy == pytest.approx(0.260)
     assert gaps == [(pytest.approx(0.1), 1, "a", "copy"), (pytest.approx(0.05), 1, "b", "a")]
+
+
+def test_idle_per_marker_splits_the_timeline_at_each_marker_kernel() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from forkserve.bench.profile import idle_per_marker
+
+    def event(start: float, end: float, name: str) -> SimpleNamespace:
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name,
+                               device_type=torch.autograd.DeviceType.CUDA)
+
+    # us: step 0 = mark [0, 1), a [1, 100), gap 50, b [150, 200); step 1 = mark [500, 501) after a gap of 300, c [501, 600)
+    events = [event(0, 1, "mark"), event(1, 100, "a"), event(150, 200, "b"), event(500, 501, "mark"),
+              event(501, 600, "c")]
+    steps = idle_per_marker(SimpleNamespace(events=lambda: events), "mark")
+    assert steps == [(pytest.approx(0.35), pytest.approx(0.3), "b", "mark"), (0.0, 0.0, "", "")]

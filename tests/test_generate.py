@@ -190,14 +190,20 @@ def test_unknown_engine_argument(tiny_model_factory) -> None:
 
 
 def test_generate_leaves_the_garbage_collector_as_it_found_it(tiny_model_factory) -> None:
-    """A batch runs with the objects alive at its start frozen (api._out_of_the_collectors_sight):
-    afterwards nothing of it stays frozen, and a caller's own freeze is left in place."""
+    """A batch runs with the objects alive at its start frozen and full collections deferred
+    (api.out_of_the_collectors_sight): afterwards nothing of it stays frozen, the collector's
+    thresholds are back, and a caller's own freeze is left in place."""
     llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype="float32")
     frozen_during: list[int] = []
+    thresholds_during: list[tuple[int, int, int]] = []
     step = llm.engine.step
-    llm.engine.step = lambda: frozen_during.append(gc.get_freeze_count()) or step()
+    llm.engine.step = lambda: frozen_during.append(gc.get_freeze_count()) or \
+        thresholds_during.append(gc.get_threshold()) or step()
+    thresholds = gc.get_threshold()
     llm.generate([{"prompt_token_ids": [4, 5, 6]}], SamplingParams(max_tokens=2), use_tqdm=False)
     assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    assert all(t[:2] == thresholds[:2] and t[2] > 1000 * thresholds[2] for t in thresholds_during)
+    assert gc.get_threshold() == thresholds
     gc.freeze()
     try:
         callers = gc.get_freeze_count()

@@ -16,7 +16,8 @@ import pytest
 from forkserve import LLM, SamplingParams
 from forkserve.engine.pages import PagePool
 from forkserve.entrypoints.batch_runner import BatchRunner
-from forkserve.engine.planner import Planner, _common_prefix_len
+from forkserve.engine.planner import Planner
+from forkserve.engine.tree import common_prefix_len
 from forkserve.engine.scheduler import Scheduler
 from forkserve.engine.summary import batch_summary, step_breakdown
 from forkserve.engine.sequence import Request, Sequence
@@ -250,8 +251,8 @@ def test_common_prefix_len_matches_a_token_by_token_count() -> None:
         a = [rng.randrange(3) for _ in range(rng.randrange(0, 80))]
         b = a[:rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
         expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        assert _common_prefix_len(a, b, rng.choice([1, 4, 16])) == expected
-        assert _common_prefix_len(b, a, 16) == expected
+        assert common_prefix_len(a, b, rng.choice([1, 4, 16])) == expected
+        assert common_prefix_len(b, a, 16) == expected
 
 
 def test_members_wait_for_the_leader_then_share_its_pages() -> None:

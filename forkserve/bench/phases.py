@@ -9,8 +9,10 @@ steps of at least --min-rows rows, and one line per step with prefill tokens. `t
 host blocked on the GPU for the previous step's tokens: when it is large, steps run at GPU time.
 The bench's warm-up batches run first. A CUDA event recorded as each step call
 starts gives the GPU clock from one step's queued work to the next's (the GPU time per step
-when the host is ahead). --kernels-at N[,M...] adds a per-kernel profile of steps N..N+2 (each
-listed N) and the GPU's idle time between kernels there, by the kernels around each gap. Timers cost
+when the host is ahead). --kernels-at N[,M...] adds a per-kernel profile of steps N.. (each listed
+N; --kernels-steps of them, 3 unless told) and the GPU's idle time between kernels there, by the
+kernels around each gap. The batch runs with the garbage collector's walks paused, as in
+`LLM.generate`. Timers cost
 microseconds per call; phases nest (build_metadata includes the cascade plan, DecodeGraphs.run
 the graph's FlashInfer planning).
 """
@@ -29,22 +31,25 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import forkserve.runner as runner_module
-from forkserve.api import LLM
+from forkserve.api import LLM, out_of_the_collectors_sight
 from forkserve.attention.cascade import CascadePlanner
 from forkserve.attention.flashinfer import FlashInferBackend
-from forkserve.bench.profile import idle_between_kernels, kernel_totals_ms
+from forkserve.bench.profile import idle_between_kernels, idle_per_marker, kernel_totals_ms
 from forkserve.bench.run import model_dir_from_config
 from forkserve.bench.worker import warm_up_workloads
 from forkserve.bench.workloads import build
 from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.engine.engine import Engine
 from forkserve.engine.scheduler import Scheduler
+from forkserve.model.llama import LlamaForCausalLM
+from forkserve.runner import ModelRunner
 from forkserve.sampler import Draws, Sampler
 from forkserve.sampling_params import SamplingParams
 
 PHASES: list[tuple[object, str]] = [
-    (Scheduler, "schedule"), (runner_module, "build_metadata"), (CascadePlanner, "plan"),
-    (FlashInferBackend, "_staged_plan"), (DecodeGraphs, "run"), (Sampler, "draw"), (Draws, "to_host"),
+    (Scheduler, "schedule"), (CascadePlanner, "order"), (ModelRunner, "launch"), (runner_module, "build_metadata"),
+    (CascadePlanner, "plan"), (FlashInferBackend, "prepare"), (FlashInferBackend, "_staged_plan"),
+    (LlamaForCausalLM, "forward"), (DecodeGraphs, "run"), (Sampler, "draw"), (Draws, "to_host"),
     (Engine, "_resolve"), (Engine, "_advance"),
 ]
 
@@ -73,19 +78,29 @@ def timed_phases(totals: dict[str, float]) -> Iterator[None]:
             setattr(owner, name, fn)
 
 
-def print_kernels(profiler: profile, title: str, name_chars: int) -> None:
-    """Per step of three profiled ones: the kernels' time by name, and the GPU's idle time between them."""
+STEP_MARKER = "FillFunctor<signed char>"  # the kernel of the one-byte fill queued as each profiled step starts
+
+
+def print_kernels(profiler: profile, title: str, first_step: int, steps: int, name_chars: int) -> None:
+    """Per step of the profiled ones: the kernels' time by name, and the GPU's idle time between
+    them; then each step with over 2 ms of it (from one step's marker kernel to the next's)."""
     totals = kernel_totals_ms(profiler)
     span, busy, gaps = idle_between_kernels(profiler)
-    print(f"{title}: kernels {sum(totals.values()) / 3:.2f} ms per step; GPU timeline {span / 3:.2f} ms per step, "
-          f"busy {busy / 3:.2f}, idle {(span - busy) / 3:.2f}", flush=True)
+    print(f"{title}: kernels {sum(totals.values()) / steps:.2f} ms per step; GPU timeline {span / steps:.2f} ms per "
+          f"step, busy {busy / steps:.2f}, idle {(span - busy) / steps:.2f} ({span - busy:.1f} ms in all)", flush=True)
     for kernel, ms in sorted(totals.items(), key=lambda item: -item[1])[:16]:
-        print(f"   {ms / 3:8.3f} ms  {kernel[:name_chars]}", flush=True)
+        print(f"   {ms / steps:8.3f} ms  {kernel[:name_chars]}", flush=True)
     for ms, count, before, after in gaps:
-        print(f"   idle {ms / 3:7.3f} ms per step in {count / 3:.0f} gaps: after {before} / before {after}", flush=True)
+        print(f"   idle {ms / steps:7.3f} ms per step in {count / steps:.1f} gaps: after {before} / before {after}",
+              flush=True)
+    for step, (idle, longest, before, after) in enumerate(idle_per_marker(profiler, STEP_MARKER), first_step):
+        if idle > 2.0:
+            print(f"   step {step}: GPU idle {idle:.1f} ms, longest {longest:.1f} ms after {before} / before {after}",
+                  flush=True)
 
 
-def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], name_chars: int) -> None:
+def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], kernels_steps: int,
+                 name_chars: int) -> None:
     engine = llm.engine
     workload = build(name)
     engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
@@ -95,6 +110,7 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], name
     steps: list[tuple[float, int, int, dict[str, float]]] = []  # wall, decode rows, prefill tokens, phases
     marks: list[torch.cuda.Event] = []  # recorded on the stream as each step call starts (never waited on here)
     profiler, profiled_from = None, 0
+    marker = torch.zeros(1, dtype=torch.int8, device="cuda")
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         if len(steps) in kernels_at:
@@ -105,17 +121,21 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], name
         decodes, prefills = engine.counters.decode_tokens, engine.counters.prefill_tokens
         marks.append(torch.cuda.Event(enable_timing=True))
         marks[-1].record()
+        if profiler is not None:
+            marker.fill_(1)
         t = time.perf_counter()
         with timed_phases(phases):
             engine.step()
         wall = time.perf_counter() - t
         steps.append((wall, engine.counters.decode_tokens - decodes, engine.counters.prefill_tokens - prefills,
                       phases))
-        if profiler is not None and len(steps) == profiled_from + 3:
+        if profiler is not None and (len(steps) == profiled_from + kernels_steps
+                                     or not engine.has_unfinished_requests()):
             profiler.__exit__(None, None, None)
-            print_kernels(profiler, f"{name}: steps {profiled_from}-{profiled_from + 2} "
-                                    f"({sum(s[1] for s in steps[-3:])} decode rows, {sum(s[2] for s in steps[-3:])} "
-                                    f"prefill tokens)", name_chars)
+            window = steps[profiled_from:]
+            print_kernels(profiler, f"{name}: steps {profiled_from}-{len(steps) - 1} "
+                                    f"({sum(s[1] for s in window)} decode rows, {sum(s[2] for s in window)} "
+                                    f"prefill tokens)", profiled_from, len(window), name_chars)
             profiler = None
     seconds = time.perf_counter() - start
     torch.cuda.synchronize()
@@ -123,7 +143,7 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], name
               if steps[i][2] == 0 and steps[i][1] >= min_rows]
     for i, (wall, decodes, prefills, phases) in enumerate(steps[:-1]):
         if prefills:  # one line each: a slow one shows whether the host or the GPU took the time
-            top = sorted(phases.items(), key=lambda item: -item[1])[:3]
+            top = sorted(phases.items(), key=lambda item: -item[1])[:5]
             print(f"   prefill step {i}: {decodes} decode rows + {prefills} prefill tokens, wall {wall * 1e3:.1f} ms, "
                   f"GPU clock to the next step {marks[i].elapsed_time(marks[i + 1]):.1f} ms; "
                   + ", ".join(f"{label} {t * 1e3:.1f}" for label, t in top), flush=True)
@@ -148,6 +168,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="sharedprefix,samples")
     parser.add_argument("--min-rows", type=int, default=500)
     parser.add_argument("--kernels-at", default="", metavar="STEP[,STEP...]")
+    parser.add_argument("--kernels-steps", type=int, default=3, help="steps each --kernels-at profile covers")
     parser.add_argument("--name-chars", type=int, default=110, help="kernel names printed up to this length")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,8 +179,9 @@ def main() -> None:
                      [SamplingParams(temperature=warmup.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
                       for r in warmup.requests], use_tqdm=False)
     for name in args.workloads.split(","):
-        run_workload(llm, name, args.min_rows, [int(step) for step in args.kernels_at.split(",") if step],
-                     args.name_chars)
+        with out_of_the_collectors_sight():
+            run_workload(llm, name, args.min_rows, [int(step) for step in args.kernels_at.split(",") if step],
+                         args.kernels_steps, args.name_chars)
 
 
 if __name__ == "__main__":

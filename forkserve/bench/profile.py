@@ -13,6 +13,7 @@ would read, show what shared-prefix attention saved.
 from __future__ import annotations
 
 import argparse
+import bisect
 import cProfile
 import json
 import logging
@@ -21,6 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -54,6 +56,22 @@ def kernel_totals_ms(prof: profile) -> dict[str, float]:
     return totals
 
 
+def _device_spans(prof: profile) -> list[tuple[float, float, str]]:
+    """(start, end, name) of every kernel and copy on the GPU timeline, in start order (microseconds)."""
+    return sorted((event.time_range.start, event.time_range.end, event.name) for event in prof.events()
+                  if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _gaps(spans: list[tuple[float, float, str]]) -> Iterator[tuple[float, float, str, str]]:
+    """Each stretch with nothing running: (start, end, name before, name after)."""
+    end, before = spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            yield end, start, before, name
+        if stop > end:
+            end, before = stop, name
+
+
 def idle_between_kernels(prof: profile, top: int = 8) -> tuple[float, float, list[tuple[float, int, str, str]]]:
     """The GPU timeline of a profile: its span and busy milliseconds, and where it sat idle.
 
@@ -61,22 +79,35 @@ def idle_between_kernels(prof: profile, top: int = 8) -> tuple[float, float, lis
     (ms, gaps, before, after), largest first. Gaps inside a CUDA graph are launch latency; gaps
     around copies and launches outside one are where the stream waited for the host.
     """
-    spans = sorted((event.time_range.start, event.time_range.end, event.name) for event in prof.events()
-                   if event.device_type == torch.autograd.DeviceType.CUDA)
+    spans = _device_spans(prof)
     if not spans:
         return 0.0, 0.0, []
     by_pair: dict[tuple[str, str], list[float]] = {}
-    busy, end, before = 0.0, spans[0][0], spans[0][2]
-    for start, stop, name in spans:
-        if start > end:
-            pair = by_pair.setdefault((before[:60], name[:60]), [0.0, 0])
-            pair[0] += (start - end) / 1000.0
-            pair[1] += 1
-        busy += max(0.0, stop - max(start, end)) / 1000.0
-        if stop > end:
-            end, before = stop, name
+    idle = 0.0
+    for start, end, before, after in _gaps(spans):
+        pair = by_pair.setdefault((before[:60], after[:60]), [0.0, 0])
+        pair[0] += (end - start) / 1000.0
+        pair[1] += 1
+        idle += (end - start) / 1000.0
+    span = (max(stop for _, stop, _ in spans) - spans[0][0]) / 1000.0
     ranked = sorted(((ms, count, a, b) for (a, b), (ms, count) in by_pair.items()), reverse=True)[:top]
-    return (end - spans[0][0]) / 1000.0, busy, ranked
+    return span, span - idle, ranked
+
+
+def idle_per_marker(prof: profile, marker: str) -> list[tuple[float, float, str, str]]:
+    """The GPU's idle time between consecutive kernels named `marker` (one queued as each step
+    starts), per such interval: (idle ms, longest gap ms, name before it, name after it)."""
+    spans = _device_spans(prof)
+    starts = [start for start, _, name in spans if marker in name] + [float("inf")]
+    intervals = [[0.0, 0.0, "", ""] for _ in starts[:-1]]
+    for start, end, before, after in _gaps(spans):
+        index = bisect.bisect_right(starts, start) - 1
+        if 0 <= index < len(intervals):
+            interval = intervals[index]
+            interval[0] += (end - start) / 1000.0
+            if (end - start) / 1000.0 > interval[1]:
+                interval[1:] = [(end - start) / 1000.0, before[:60], after[:60]]
+    return [tuple(interval) for interval in intervals]
 
 
 def kernel_times_ms(totals: dict[str, float]) -> dict[str, float]:

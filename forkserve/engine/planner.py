@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from forkserve.engine.sequence import Sequence
-from forkserve.engine.tree import PrefixTree, TreeNode
+from forkserve.engine.tree import PrefixTree, TreeNode, common_prefix_len
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Planner:
         """The batch in the order to admit it; registers its shared prefixes."""
         ps = self.tree.page_size
         by_tokens = sorted(seqs, key=lambda s: s.token_ids)
-        exact = [0] + [_common_prefix_len(a.token_ids, b.token_ids, ps) for a, b in zip(by_tokens, by_tokens[1:])]
+        exact = [0] + [common_prefix_len(a.token_ids, b.token_ids, ps) for a, b in zip(by_tokens, by_tokens[1:])]
         self.unique_prompt_tokens += sum(len(s.token_ids) for s in seqs) - sum(exact)
         if len(seqs) < 2 or not self.tree.enable_caching:
             return list(seqs)
@@ -241,21 +241,6 @@ class Planner:
             return (1, -self.tree.match_len(seq.token_ids[:-1]), seq.seq_id)
 
         return sorted(waiting, key=key)
-
-
-def _common_prefix_len(a: list[int], b: list[int], step: int) -> int:
-    """Length of the common prefix of a and b: equal runs found by slice comparisons (in C) of
-    doubling length from one page, then halving, then token by token. Planning compares every
-    sorted neighbour pair of a batch, millions of tokens for long shared prompts."""
-    n = min(len(a), len(b))
-    i, width = 0, step
-    while width >= 1:
-        if i + width <= n and a[i:i + width] == b[i:i + width]:
-            i += width
-            width *= 2
-        else:
-            width //= 2
-    return i
 
 
 def _shared_chains(lcp: list[int], min_len: int) -> tuple[list[Interval], list[list[Interval]]]:

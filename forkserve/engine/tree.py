@@ -19,6 +19,23 @@ CopyPages = Callable[[list[int], list[int]], None]
 EVICTION_BATCH = 64  # an eviction frees at least this fraction (1/64) of the pool
 
 
+def common_prefix_len(a: list[int], b: list[int], step: int) -> int:
+    """Length of the common prefix of a and b: equal runs found by slice comparisons (in C) of
+    doubling length from one page, then halving, then token by token. Planning compares every
+    sorted neighbour pair of a batch, and matching walks every prompt along the tree: millions
+    of tokens for long shared prompts."""
+    n = min(len(a), len(b))
+    i, width = 0, step
+    while width >= 1:
+        if i + width <= n and a[i:i + width] == b[i:i + width]:
+            i += width
+            width *= 2
+        else:
+            width //= 2
+    return i
+
+
+
 class TreeNode:
     __slots__ = ("parent", "children", "tokens", "pages", "ref_count", "pin_count", "last_access", "end")
 
@@ -147,13 +164,9 @@ class PrefixTree:
         return tuple(tokens[start:start + self.page_size])
 
     def _matching_pages(self, node: TreeNode, tokens: Sequence[int], pos: int) -> int:
-        """How many of node's pages equal tokens[pos:], page by page (the first is known equal)."""
-        ps = self.page_size
-        k = 1
-        while (k < len(node.pages) and pos + (k + 1) * ps <= len(tokens)
-               and node.tokens[k * ps:(k + 1) * ps] == list(tokens[pos + k * ps:pos + (k + 1) * ps])):
-            k += 1
-        return k
+        """How many of node's pages equal tokens[pos:] (at least the first, which the caller matched)."""
+        equal = common_prefix_len(node.tokens, list(tokens[pos:pos + len(node.tokens)]), self.page_size)
+        return max(1, equal // self.page_size)
 
     def _split(self, node: TreeNode, k: int) -> TreeNode:
         """Cut node after its first k pages; the new upper node is returned, `node` keeps the rest.
