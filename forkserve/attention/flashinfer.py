@@ -155,8 +155,7 @@ class FlashInferBackend(AttentionBackend):
         plan = meta.cascade
         kv_indptr, kv_indices = (meta.kv_indptr, meta.kv_indices) if plan is None else (plan.own_indptr, plan.own_indices)
         last_page_len = meta.kv_last_page_len
-        query_lens = np.diff(meta.query_start.numpy())
-        decoded = meta.num_seqs if meta.is_decode else int(np.argmax(query_lens != 1))
+        decoded = meta.num_seqs if meta.is_decode else int(np.argmax(np.diff(meta.query_start.numpy()) != 1))
         self._active = []
         if decoded:
             pages = int(kv_indptr[decoded])

@@ -34,7 +34,7 @@ import forkserve.runner as runner_module
 from forkserve.api import LLM, out_of_the_collectors_sight
 from forkserve.attention.cascade import CascadePlanner
 from forkserve.attention.flashinfer import FlashInferBackend
-from forkserve.bench.profile import idle_between_kernels, idle_per_marker, kernel_totals_ms
+from forkserve.bench.profile import device_spans, idle_between_kernels, idle_per_marker, kernel_totals_ms
 from forkserve.bench.run import model_dir_from_config
 from forkserve.bench.worker import warm_up_workloads
 from forkserve.bench.workloads import build
@@ -85,7 +85,8 @@ def print_kernels(profiler: profile, title: str, first_step: int, steps: int, na
     """Per step of the profiled ones: the kernels' time by name, and the GPU's idle time between
     them; then each step with over 2 ms of it (from one step's marker kernel to the next's)."""
     totals = kernel_totals_ms(profiler)
-    span, busy, gaps = idle_between_kernels(profiler)
+    spans = device_spans(profiler)
+    span, busy, gaps = idle_between_kernels(spans)
     print(f"{title}: kernels {sum(totals.values()) / steps:.2f} ms per step; GPU timeline {span / steps:.2f} ms per "
           f"step, busy {busy / steps:.2f}, idle {(span - busy) / steps:.2f} ({span - busy:.1f} ms in all)", flush=True)
     for kernel, ms in sorted(totals.items(), key=lambda item: -item[1])[:16]:
@@ -93,7 +94,7 @@ def print_kernels(profiler: profile, title: str, first_step: int, steps: int, na
     for ms, count, before, after in gaps:
         print(f"   idle {ms / steps:7.3f} ms per step in {count / steps:.1f} gaps: after {before} / before {after}",
               flush=True)
-    for step, (idle, longest, before, after) in enumerate(idle_per_marker(profiler, STEP_MARKER), first_step):
+    for step, (idle, longest, before, after) in enumerate(idle_per_marker(spans, STEP_MARKER), first_step):
         if idle > 2.0:
             print(f"   step {step}: GPU idle {idle:.1f} ms, longest {longest:.1f} ms after {before} / before {after}",
                   flush=True)

@@ -56,7 +56,7 @@ def kernel_totals_ms(prof: profile) -> dict[str, float]:
     return totals
 
 
-def _device_spans(prof: profile) -> list[tuple[float, float, str]]:
+def device_spans(prof: profile) -> list[tuple[float, float, str]]:
     """(start, end, name) of every kernel and copy on the GPU timeline, in start order (microseconds)."""
     return sorted((event.time_range.start, event.time_range.end, event.name) for event in prof.events()
                   if event.device_type == torch.autograd.DeviceType.CUDA)
@@ -64,6 +64,8 @@ def _device_spans(prof: profile) -> list[tuple[float, float, str]]:
 
 def _gaps(spans: list[tuple[float, float, str]]) -> Iterator[tuple[float, float, str, str]]:
     """Each stretch with nothing running: (start, end, name before, name after)."""
+    if not spans:
+        return
     end, before = spans[0][0], spans[0][2]
     for start, stop, name in spans:
         if start > end:
@@ -72,14 +74,14 @@ def _gaps(spans: list[tuple[float, float, str]]) -> Iterator[tuple[float, float,
             end, before = stop, name
 
 
-def idle_between_kernels(prof: profile, top: int = 8) -> tuple[float, float, list[tuple[float, int, str, str]]]:
-    """The GPU timeline of a profile: its span and busy milliseconds, and where it sat idle.
+def idle_between_kernels(spans: list[tuple[float, float, str]], top: int = 8
+                         ) -> tuple[float, float, list[tuple[float, int, str, str]]]:
+    """The GPU timeline of a profile (its `device_spans`): span and busy milliseconds, and where it sat idle.
 
     Idle time is attributed to the pair of kernels (or copies) around each gap, summed by pair:
     (ms, gaps, before, after), largest first. Gaps inside a CUDA graph are launch latency; gaps
     around copies and launches outside one are where the stream waited for the host.
     """
-    spans = _device_spans(prof)
     if not spans:
         return 0.0, 0.0, []
     by_pair: dict[tuple[str, str], list[float]] = {}
@@ -94,10 +96,10 @@ def idle_between_kernels(prof: profile, top: int = 8) -> tuple[float, float, lis
     return span, span - idle, ranked
 
 
-def idle_per_marker(prof: profile, marker: str) -> list[tuple[float, float, str, str]]:
-    """The GPU's idle time between consecutive kernels named `marker` (one queued as each step
-    starts), per such interval: (idle ms, longest gap ms, name before it, name after it)."""
-    spans = _device_spans(prof)
+def idle_per_marker(spans: list[tuple[float, float, str]], marker: str) -> list[tuple[float, float, str, str]]:
+    """The GPU's idle time (in a profile's `device_spans`) between consecutive kernels named
+    `marker` (one queued as each step starts), per such interval: (idle ms, longest gap ms, name
+    before it, name after it)."""
     starts = [start for start, _, name in spans if marker in name] + [float("inf")]
     intervals = [[0.0, 0.0, "", ""] for _ in starts[:-1]]
     for start, end, before, after in _gaps(spans):

@@ -35,7 +35,6 @@ def common_prefix_len(a: list[int], b: list[int], step: int) -> int:
     return i
 
 
-
 class TreeNode:
     __slots__ = ("parent", "children", "tokens", "pages", "ref_count", "pin_count", "last_access", "end")
 
