@@ -49,6 +49,21 @@ def out_of_the_collectors_sight() -> Iterator[None]:
             gc.unfreeze()
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No garbage collection inside: for validating and planning a batch, which makes objects that
+    all stay alive (copies of millions of prompt ids, sequences, tree nodes), so a collection there
+    only walks them again (on a CPU harness, 41 young collections took 20% of the shared-prefix
+    batch's validation and planning)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class LLM:
     """Generate from a local Hugging Face checkpoint directory.
 
@@ -74,7 +89,8 @@ class LLM:
         raises a ValueError naming it and nothing is left half-run.
         """
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        inputs = [self.engine.make_prompt(p, f"request {i}") for i, p in enumerate(prompt_list)]
+        with collector_paused():
+            inputs = [self.engine.make_prompt(p, f"request {i}") for i, p in enumerate(prompt_list)]
         return self._run(inputs, sampling_params, use_tqdm)
 
     def chat(self, messages: ChatMessages | Sequence[ChatMessages],
@@ -126,12 +142,13 @@ class LLM:
     def _run(self, inputs: list[PromptInput],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
-        params = self._params_per_request(sampling_params, len(inputs))
         engine = self.engine
-        ids = [f"{next(self._request_counter)}" for _ in inputs]
         before = engine.stats()
         results: dict[str, RequestOutput] = {}
-        engine.add_requests(list(zip(ids, inputs, params)))
+        with collector_paused():
+            params = self._params_per_request(sampling_params, len(inputs))
+            ids = [f"{next(self._request_counter)}" for _ in inputs]
+            engine.add_requests(list(zip(ids, inputs, params)))
         with out_of_the_collectors_sight(), tqdm(total=len(inputs), desc="Processed prompts", disable=not use_tqdm,
                                                  dynamic_ncols=True) as bar:
             while engine.has_unfinished_requests():

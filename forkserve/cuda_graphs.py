@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, then every 8 rows to 256 and every 16 beyond (as vLLM captures). Padding costs
-    more than the padded rows: cuBLAS picks its tiles by row count, and on an H100 a layer's
-    GEMMs take 416 us at 683 rows but 457 us at 704 (`scripts/attention_probe.py gemm`)."""
+    """1, 2, 4, then every 8 rows to 256 and every 16 beyond (as vLLM captures); also the row
+    counts logits are computed for (runner.py). Padding costs more than the padded rows: cuBLAS
+    picks its tiles by row count, and on an H100 a layer's GEMMs take 416 us at 683 rows but
+    457 us at 704 (`scripts/attention_probe.py gemm`; `curve` shows the whole erratic curve)."""
     sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, max_batch, 16))
     return [s for s in sizes if s < max_batch] + [max_batch]
 
@@ -156,7 +157,8 @@ class DecodeGraphs:
         return decode_uses_tensor_cores(pages, meta.num_seqs, self.cuda_core_max_pages)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The decode forward's hidden states for the batch's rows, by graph replay."""
+        """The decode forward's hidden states by graph replay: the batch's rows, then the padding
+        rows up to the captured size (so that logits can be computed for that size, runner.py)."""
         rows = meta.num_seqs
         size = self.sizes[bisect_left(self.sizes, rows)]
         plan = meta.cascade
@@ -170,4 +172,4 @@ class DecodeGraphs:
         if plan is not None:
             self.levels.fill(plan.work, size)
         graph.replay()
-        return self.hidden[:rows]
+        return self.hidden[:size]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: AttentionBackend,
                  sampler: ForkingSampler, device: torch.device, graphs: DecodeGraphs | None = None,
-                 cascade: CascadePlanner | None = None) -> None:
+                 cascade: CascadePlanner | None = None, logits_sizes: list[int] | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -89,6 +90,8 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs
         self.cascade = cascade
+        self.logits_sizes = logits_sizes or []
+        self._load_logits_kernels()
         # KV pages one layer's attention read, summed over steps, and what plain attention would
         # have read (each sequence its whole page table): the cascade's saving, for stats.
         self.kv_pages_read = 0
@@ -135,11 +138,31 @@ class ModelRunner:
 
             hidden = self.model(input_ids, positions, attention)
         last = [query_ends[b] - 1 for b, item in enumerate(batch) if item.samples]
-        if not last:
-            return None
-        if len(last) < hidden.shape[0]:
-            hidden = hidden[to_device(last, self.device, torch.long)]
-        return self.model.compute_logits(hidden)
+        return self._logits(hidden, last) if last else None
+
+    def _logits(self, hidden: torch.Tensor, last: list[int]) -> torch.Tensor:
+        """Logits of hidden's rows `last` (increasing), computed for a row count padded up to one of
+        `logits_sizes`, which start-up ran once each: cuBLAS picks its kernel by row count, and the
+        first run of a kernel holds the host until the GPU has finished all queued work (on an H100
+        a prefill step's logits waited 250-680 ms so), after which the GPU sat idle until the next
+        step was queued (~50 ms per new kernel)."""
+        rows = len(last)
+        padded = self._padded_rows(rows)
+        if last[-1] == rows - 1 and hidden.shape[0] >= padded:  # the leading rows: every row samples
+            return self.model.compute_logits(hidden[:padded])[:rows]
+        index = to_device(last + [last[-1]] * (padded - rows), self.device, torch.long)
+        return self.model.compute_logits(hidden[index])[:rows]
+
+    def _padded_rows(self, rows: int) -> int:
+        sizes = self.logits_sizes
+        return sizes[bisect_left(sizes, rows)] if sizes and rows <= sizes[-1] else rows
+
+    @torch.inference_mode()
+    def _load_logits_kernels(self) -> None:
+        """Run the LM head once at each of `logits_sizes`, so no step is the first to use a kernel."""
+        for rows in self.logits_sizes:
+            self.model.compute_logits(torch.zeros(rows, self.model.config.hidden_size,
+                                                  dtype=self.model.embed_tokens.weight.dtype, device=self.device))
 
     def _count_kv_reads(self, meta: AttentionMetadata) -> None:
         listed = meta.kv_indices.shape[0]

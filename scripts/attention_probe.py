@@ -2,12 +2,13 @@
 bf16, 32 q / 8 kv heads, dim 128, pages of 16 tokens), timed as CUDA-graph replays.
 
 own: FlashInfer's tensor-core decode (with and without split-KV) and CUDA-core decode over rows
-of own pages, bound to CUDA-graph buffers. level: FlashInfer's ragged prefill kernel (fa3, fa2)
+of own pages, bound to CUDA-graph buffers, with the KV pages laid out token-major (NHD, as the
+engine's) and head-major (HND). level: FlashInfer's ragged prefill kernel (fa3, fa2)
 over 16 groups of 64 queries sharing 125 pages, eager and graph-bound. triton: the graph-bound
 FA3 level + merge_state against forkserve's Triton level + merge kernels. sweep: the Triton level
 kernel's tuning and split pages. sampler: the sampling kernel at decode batch sizes. gemm: a
-layer's four GEMMs by row count. Run on the GPU machine:
-    python scripts/attention_probe.py [own,level,triton,sweep,sampler,gemm]
+layer's four GEMMs by row count; curve: the same at every decode graph size. Run on the GPU machine:
+    python scripts/attention_probe.py [own,level,triton,sweep,sampler,gemm,curve]
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def ms_per_call(fn: Callable[[], object], iterations: int = 40) -> float:
     return start.elapsed_time(end) / iterations
 
 
-def kv_cache(num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (num_pages + 1, PAGE, HKV, DIM)
+def kv_cache(num_pages: int, layout: str = "NHD") -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_pages + 1, PAGE, HKV, DIM) if layout == "NHD" else (num_pages + 1, HKV, PAGE, DIM)
     return torch.randn(shape, device=DEVICE, dtype=DTYPE), torch.randn(shape, device=DEVICE, dtype=DTYPE)
 
 
@@ -52,21 +53,23 @@ def own_pages(name: str, rows: int, low: int, high: int) -> None:
     """Decode over `rows` private tails of low..high pages each."""
     pages = torch.randint(low, high + 1, (rows,), dtype=torch.int32)
     total = int(pages.sum())
-    cache = kv_cache(total)
     indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages.cumsum(0).to(torch.int32)])
     indices = torch.randperm(total, dtype=torch.int32)
     last = torch.randint(1, PAGE + 1, (rows,), dtype=torch.int32)
     q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
     gigabytes = total * PAGE * HKV * DIM * 2 * 2 / 1e9
-    for tensor_cores, no_split in ((True, False), (True, True), (False, False)):
+    for layout, tensor_cores, no_split in ((layout, *kernel) for layout in ("NHD", "HND")
+                                           for kernel in ((True, False), (True, True), (False, False))):
+        cache = kv_cache(total, layout)
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            WORKSPACE, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+            WORKSPACE, layout, use_cuda_graph=True, use_tensor_cores=tensor_cores,
             paged_kv_indptr_buffer=indptr.to(DEVICE), paged_kv_indices_buffer=indices.to(DEVICE),
             paged_kv_last_page_len_buffer=last.to(DEVICE))
         wrapper.plan(indptr, indices.to(DEVICE), last, HQ, HKV, DIM, PAGE, q_data_type=DTYPE, kv_data_type=DTYPE,
                      **({"disable_split_kv": True} if no_split else {}))
         ms = ms_per_call(lambda: wrapper.run(q, cache, return_lse=True))
-        print(f"{name}: {rows} rows, {total} pages, decode tensor_cores={tensor_cores} split-kv={not no_split}: "
+        print(f"{name}: {rows} rows, {total} pages, {layout} decode tensor_cores={tensor_cores} "
+              f"split-kv={not no_split}: "
               f"{ms:.3f} ms ({gigabytes / ms:.2f} TB/s)", flush=True)
 
 
@@ -227,19 +230,36 @@ def sampler_rows() -> None:
         print(f"sampler {rows} rows: " + ", ".join(f"{name} {ms:.4f} ms" for name, ms in timings.items()), flush=True)
 
 
+LAYER_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (in, out)
+
+
+def layer_gemm_ms(rows: int, weights: dict[str, torch.Tensor], iterations: int) -> float:
+    """One layer's four GEMMs at `rows` rows, each timed alone as graph replays."""
+    x = {name: torch.randn(rows, w.shape[1], device=DEVICE, dtype=DTYPE) for name, w in weights.items()}
+    return sum(ms_per_call(lambda: torch.nn.functional.linear(x[name], w), iterations) for name, w in weights.items())
+
+
+def layer_weights() -> dict[str, torch.Tensor]:
+    return {name: torch.randn(n, k, device=DEVICE, dtype=DTYPE) for name, (k, n) in LAYER_GEMMS.items()}
+
+
 def gemm_sizes() -> None:
     """cuBLAS at decode batch sizes: around nosharing's mean (140 rows), does padding pay; around
     samples' (683), how much a row costs against sharedprefix's (1,018)."""
-    shapes = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-    weights = {name: torch.randn(n, k, device=DEVICE, dtype=DTYPE) for name, (k, n) in shapes.items()}
+    weights = layer_weights()
+    gigabytes = sum(w.numel() * 2 for w in weights.values()) / 1e9
     for rows in (128, 140, 144, 160, 512, 640, 672, 683, 688, 704, 736, 768, 896, 1018, 1024):
-        x = {name: torch.randn(rows, k, device=DEVICE, dtype=DTYPE) for name, (k, n) in shapes.items()}
-        total = 0.0
-        for name, w in weights.items():
-            total += ms_per_call(lambda: torch.nn.functional.linear(x[name], w), 50)
-        gigabytes = sum(w.numel() * 2 for w in weights.values()) / 1e9
+        total = layer_gemm_ms(rows, weights, 50)
         print(f"gemm rows {rows}: one layer's four GEMMs {total * 1e3:.1f} us ({gigabytes / total:.2f} TB/s, "
               f"{total * 1e3 / rows:.3f} us per row)", flush=True)
+
+
+def gemm_curve() -> None:
+    """A layer's four GEMMs at every decode graph size: not monotone in rows (cuBLAS's choice)."""
+    from forkserve.cuda_graphs import graph_batch_sizes
+    weights = layer_weights()
+    line = [f"{rows}:{layer_gemm_ms(rows, weights, 20) * 1e3:.0f}" for rows in graph_batch_sizes(1024)]
+    print("gemm curve (rows:us per layer) " + " ".join(line), flush=True)
 
 
 if __name__ == "__main__":
@@ -263,3 +283,5 @@ if __name__ == "__main__":
         sampler_rows()
     if "gemm" in parts:
         gemm_sizes()
+    if "curve" in parts:
+        gemm_curve()

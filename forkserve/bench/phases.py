@@ -11,8 +11,9 @@ The bench's warm-up batches run first. A CUDA event recorded as each step call
 starts gives the GPU clock from one step's queued work to the next's (the GPU time per step
 when the host is ahead). --kernels-at N[,M...] adds a per-kernel profile of steps N.. (each listed
 N; --kernels-steps of them, 3 unless told) and the GPU's idle time between kernels there, by the
-kernels around each gap. The batch runs with the garbage collector's walks paused, as in
-`LLM.generate`. Timers cost
+kernels around each gap. --sync-debug lists the PyTorch calls that waited for the GPU (its sync
+debug mode), by source line. The batch is validated and planned with the collector off and runs
+with its walks paused, as in `LLM.generate`. Timers cost
 microseconds per call; phases nest (build_metadata includes the cascade plan, DecodeGraphs.run
 the graph's FlashInfer planning).
 """
@@ -23,6 +24,7 @@ import contextlib
 import statistics
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import forkserve.runner as runner_module
-from forkserve.api import LLM, out_of_the_collectors_sight
+from forkserve.api import LLM, collector_paused, out_of_the_collectors_sight
 from forkserve.attention.cascade import CascadePlanner
 from forkserve.attention.flashinfer import FlashInferBackend
 from forkserve.bench.profile import device_spans, idle_between_kernels, idle_per_marker, kernel_totals_ms
@@ -49,8 +51,9 @@ from forkserve.sampling_params import SamplingParams
 PHASES: list[tuple[object, str]] = [
     (Scheduler, "schedule"), (CascadePlanner, "order"), (ModelRunner, "launch"), (runner_module, "build_metadata"),
     (CascadePlanner, "plan"), (FlashInferBackend, "prepare"), (FlashInferBackend, "_staged_plan"),
-    (LlamaForCausalLM, "forward"), (DecodeGraphs, "run"), (Sampler, "draw"), (Draws, "to_host"),
-    (Engine, "_resolve"), (Engine, "_advance"),
+    (LlamaForCausalLM, "forward"), (LlamaForCausalLM, "compute_logits"), (DecodeGraphs, "run"), (Sampler, "draw"),
+    (Draws, "copy_to_host"), (Draws, "to_host"), (runner_module, "to_device"), (Engine, "_resolve"),
+    (Engine, "_advance"),
 ]
 
 
@@ -100,14 +103,39 @@ def print_kernels(profiler: profile, title: str, first_step: int, steps: int, na
                   flush=True)
 
 
+@contextlib.contextmanager
+def synchronizing_calls(enabled: bool) -> Iterator[None]:
+    """With `enabled`, print where the host waited on the GPU inside PyTorch ops (its sync debug
+    mode: reads of device values, pageable copies), by source line, when the block ends."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    where: dict[str, int] = defaultdict(int)
+    for warning in caught:
+        where[f"{warning.filename}:{warning.lineno} {str(warning.message)[:60]}"] += 1
+    print(f"synchronizing calls: {len(caught)}", flush=True)
+    for location, count in sorted(where.items(), key=lambda item: -item[1])[:12]:
+        print(f"   {count:6d}  {location}", flush=True)
+
+
 def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], kernels_steps: int,
                  name_chars: int) -> None:
     engine = llm.engine
     workload = build(name)
-    engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
-                          SamplingParams(temperature=workload.temperature, n=r.n, max_tokens=r.max_tokens,
-                                         ignore_eos=True))
-                         for i, r in enumerate(workload.requests)])
+    added = time.perf_counter()
+    with collector_paused():  # as LLM.generate validates and plans
+        engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
+                              SamplingParams(temperature=workload.temperature, n=r.n, max_tokens=r.max_tokens,
+                                             ignore_eos=True))
+                             for i, r in enumerate(workload.requests)])
+    print(f"{name}: requests added and planned in {time.perf_counter() - added:.3f} s", flush=True)
     steps: list[tuple[float, int, int, dict[str, float]]] = []  # wall, decode rows, prefill tokens, phases
     marks: list[torch.cuda.Event] = []  # recorded on the stream as each step call starts (never waited on here)
     profiler, profiled_from = None, 0
@@ -144,7 +172,7 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], kern
               if steps[i][2] == 0 and steps[i][1] >= min_rows]
     for i, (wall, decodes, prefills, phases) in enumerate(steps[:-1]):
         if prefills:  # one line each: a slow one shows whether the host or the GPU took the time
-            top = sorted(phases.items(), key=lambda item: -item[1])[:5]
+            top = sorted(phases.items(), key=lambda item: -item[1])[:8]
             print(f"   prefill step {i}: {decodes} decode rows + {prefills} prefill tokens, wall {wall * 1e3:.1f} ms, "
                   f"GPU clock to the next step {marks[i].elapsed_time(marks[i + 1]):.1f} ms; "
                   + ", ".join(f"{label} {t * 1e3:.1f}" for label, t in top), flush=True)
@@ -171,6 +199,8 @@ def main() -> None:
     parser.add_argument("--kernels-at", default="", metavar="STEP[,STEP...]")
     parser.add_argument("--kernels-steps", type=int, default=3, help="steps each --kernels-at profile covers")
     parser.add_argument("--name-chars", type=int, default=110, help="kernel names printed up to this length")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="list the PyTorch calls in the batch that waited for the GPU, by source line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(str(model_dir_from_config(args.model_config, Path(tmp) / "model")), load_format="dummy",
@@ -180,7 +210,7 @@ def main() -> None:
                      [SamplingParams(temperature=warmup.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
                       for r in warmup.requests], use_tqdm=False)
     for name in args.workloads.split(","):
-        with out_of_the_collectors_sight():
+        with out_of_the_collectors_sight(), synchronizing_calls(args.sync_debug):
             run_workload(llm, name, args.min_rows, [int(step) for step in args.kernels_at.split(",") if step],
                          args.kernels_steps, args.name_chars)
 

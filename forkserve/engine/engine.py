@@ -25,7 +25,7 @@ from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
 from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
-from forkserve.cuda_graphs import DecodeGraphs
+from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
 from forkserve.sampling_params import SamplingParams
 
@@ -71,9 +71,10 @@ class Engine:
                                    config.min_shared_prefix_len)
         backend = self._make_backend()
         sampler = ForkingSampler(Sampler(config.seed, self.device), config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device,
-                                  self._make_graphs(backend, self.cascade_rule),
-                                  None if self.cascade_rule is None else CascadePlanner(self.cascade_rule))
+        graphs = self._make_graphs(backend, self.cascade_rule)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device, graphs,
+                                  None if self.cascade_rule is None else CascadePlanner(self.cascade_rule),
+                                  self._logits_sizes(graphs))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
@@ -124,6 +125,13 @@ class Engine:
         assert isinstance(backend, FlashInferBackend)
         return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, self._max_pages_per_seq,
                             self.device, cascade.max_levels if cascade is not None else 0)
+
+    def _logits_sizes(self, graphs: DecodeGraphs | None) -> list[int] | None:
+        """Row counts logits are computed for on a GPU (runner.py): the decode graphs' sizes, whose
+        padded hidden states then serve as they are."""
+        if self.device.type != "cuda":
+            return None
+        return graphs.sizes if graphs is not None else graph_batch_sizes(self.config.max_num_seqs)
 
     @property
     def _max_pages_per_seq(self) -> int:
