@@ -20,7 +20,7 @@ import torch
 
 from forkserve.attention.base import AttentionMetadata
 from forkserve.attention.flashinfer import (CUDA_CORE_DECODE_MAX_PAGES, FLASHINFER_WRAPPER_BYTES, DecodeLevels,
-                                            FlashInferBackend, decode_uses_tensor_cores)
+                                            FlashInferBackend, decode_uses_tensor_cores, kv_token_counts)
 from forkserve.engine.pages import KVCache
 from forkserve.model.llama import LlamaForCausalLM
 from forkserve.transfer import fill_from_host
@@ -136,8 +136,7 @@ class DecodeGraphs:
 
     def _schedule_inputs(self, kv_indptr: np.ndarray, last: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """What FlashInfer's scheduler takes: the host KV indptr, and KV tokens per row."""
-        kv_lens = (np.diff(kv_indptr) - 1) * self.kv_cache.page_size + last
-        return torch.from_numpy(kv_indptr), torch.from_numpy(kv_lens.astype(np.int32))
+        return torch.from_numpy(kv_indptr), torch.from_numpy(kv_token_counts(kv_indptr, last, self.kv_cache.page_size))
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         """Decode steps that fit the captured buffers and levels."""

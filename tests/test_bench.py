@@ -38,7 +38,6 @@ def test_warm_ups_share_no_prefix_with_the_timed_batches() -> None:
     assert warm and not timed & warm
 
 
-
 def device_event(start: float, end: float, name: str, on_gpu: bool = True) -> SimpleNamespace:
     """What the profiler's events carry that the GPU timeline reads (times in microseconds)."""
     device = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU

@@ -219,4 +219,3 @@ def test_generate_leaves_the_garbage_collector_as_it_found_it(tiny_model_factory
     finally:
         gc.enable()
         gc.unfreeze()
-

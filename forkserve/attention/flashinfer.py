@@ -67,13 +67,18 @@ def _pin_flashinfer_query_range(length: int) -> None:
         utils._cache_buf[key] = torch.arange(size, dtype=torch.int32).pin_memory()
 
 
+def kv_token_counts(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int) -> np.ndarray:
+    """KV tokens per row (int32) of a page-table CSR: its full pages plus its last page's tokens."""
+    return (np.maximum(np.diff(kv_indptr) - 1, 0) * page_size + kv_last_page_len).astype(np.int32)
+
+
 def _prefill_lengths(qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
                      page_size: int) -> dict[str, object]:
     """What a prefill wrapper's plan() would otherwise derive itself: KV tokens per request (pinned)
     and the longest query. Its own derivation copies the lengths to the device from pageable
     memory, which waits for the whole stream, so the GPU would drain while the host plans."""
-    kv_lens = np.maximum(np.diff(kv_indptr.numpy()) - 1, 0) * page_size + kv_last_page_len.numpy()
-    return dict(seq_lens=torch.from_numpy(kv_lens.astype(np.int32)).pin_memory(),
+    kv_lens = kv_token_counts(kv_indptr.numpy(), kv_last_page_len.numpy(), page_size)
+    return dict(seq_lens=torch.from_numpy(kv_lens).pin_memory(),
                 max_token_per_sequence=int(np.diff(qo_indptr.numpy()).max()))
 
 
