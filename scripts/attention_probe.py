@@ -6,9 +6,10 @@ of own pages, bound to CUDA-graph buffers, with the KV pages laid out token-majo
 engine's) and head-major (HND). level: FlashInfer's ragged prefill kernel (fa3, fa2)
 over 16 groups of 64 queries sharing 125 pages, eager and graph-bound. triton: the graph-bound
 FA3 level + merge_state against forkserve's Triton level + merge kernels. sweep: the Triton level
-kernel's tuning and split pages. sampler: the sampling kernel at decode batch sizes. gemm: a
+kernel's tuning, split pages and 64-token tiles. spread: the CUDA-core decode with the tails'
+pages packed or scattered over a pool's worth of pages. sampler: the sampling kernel at decode batch sizes. gemm: a
 layer's four GEMMs by row count; curve: the same at every decode graph size. Run on the GPU machine:
-    python scripts/attention_probe.py [own,level,triton,sweep,sampler,gemm,curve]
+    python scripts/attention_probe.py [own,spread,level,triton,sweep,tile,sampler,gemm,curve]
 """
 from __future__ import annotations
 
@@ -73,6 +74,34 @@ def own_pages(name: str, rows: int, low: int, high: int) -> None:
               f"{ms:.3f} ms ({gigabytes / ms:.2f} TB/s)", flush=True)
 
 
+def own_pages_spread(name: str, rows: int, low: int, high: int, pool_pages: int) -> None:
+    """The CUDA-core decode (the engine's kernel for short tails) over the same tails with their pages
+    packed into a region of their own size, or scattered over a pool's worth of pages (the engine's
+    KV tensor per layer), each row's pages in random or ascending order."""
+    pages = torch.randint(low, high + 1, (rows,), dtype=torch.int32)
+    total = int(pages.sum())
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages.cumsum(0).to(torch.int32)])
+    last = torch.randint(1, PAGE + 1, (rows,), dtype=torch.int32)
+    q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
+    gigabytes = total * PAGE * HKV * DIM * 2 * 2 / 1e9
+    cache = kv_cache(pool_pages)
+    packed = torch.randperm(total, dtype=torch.int32)
+    spread = torch.randperm(pool_pages, dtype=torch.int32)[:total]
+    layouts = {"packed": packed, "spread": spread,
+               "spread, ascending per row": torch.cat([spread[indptr[r]:indptr[r + 1]].sort().values
+                                                       for r in range(rows)]),
+               "spread, rows in page order": spread.sort().values}
+    for label, indices in layouts.items():
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            WORKSPACE, "NHD", use_cuda_graph=True, use_tensor_cores=False,
+            paged_kv_indptr_buffer=indptr.to(DEVICE), paged_kv_indices_buffer=indices.to(DEVICE),
+            paged_kv_last_page_len_buffer=last.to(DEVICE))
+        wrapper.plan(indptr, indices.to(DEVICE), last, HQ, HKV, DIM, PAGE, q_data_type=DTYPE, kv_data_type=DTYPE)
+        ms = ms_per_call(lambda: wrapper.run(q, cache, return_lse=True))
+        print(f"{name}: {rows} rows, {total} pages {label} in a pool of {pool_pages}: CUDA-core decode "
+              f"{ms:.3f} ms ({gigabytes / ms:.2f} TB/s)", flush=True)
+
+
 def shared_level(groups: int = 16, per_group: int = 64, shared: int = 125) -> None:
     rows = groups * per_group
     cache = kv_cache(groups * shared)
@@ -102,14 +131,15 @@ def shared_level(groups: int = 16, per_group: int = 64, shared: int = 125) -> No
                   f"{ms:.3f} ms", flush=True)
 
 
-def level_work(groups: int, per_group: int, shared: int, splits: int = 1) -> torch.Tensor:
+def level_work(groups: int, per_group: int, shared: int, splits: int = 1,
+               tile: int = LEVEL_TILE_TOKENS) -> torch.Tensor:
     """Work items of the Triton level kernel, cut as `cascade.level_work` cuts them: each group's
-    queries in tiles of LEVEL_TILE_TOKENS over the group's pages, partials in slot 0; with
+    queries in tiles of `tile` tokens over the group's pages, partials in slot 0; with
     splits > 1, each tile's pages cut into that many items, partials in slots 0 .. splits - 1."""
     bounds = [shared * p // splits for p in range(splits + 1)]
-    items = [(g * per_group + first, min(LEVEL_TILE_TOKENS, per_group - first), g * shared + bounds[p],
+    items = [(g * per_group + first, min(tile, per_group - first), g * shared + bounds[p],
               bounds[p + 1] - bounds[p], p)
-             for g in range(groups) for first in range(0, per_group, LEVEL_TILE_TOKENS) for p in range(splits)]
+             for g in range(groups) for first in range(0, per_group, tile) for p in range(splits)]
     return torch.tensor(items, dtype=torch.int32, device=DEVICE)
 
 
@@ -168,9 +198,11 @@ def shared_level_triton(groups: int, per_group: int, shared: int) -> None:
           + f"; max |triton - fa3| {error:.4f}", flush=True)
 
 
-def level_sweep(groups: int, per_group: int, shared: int) -> None:
+def level_sweep(groups: int, per_group: int, shared: int, splits_tried: tuple[int, ...] = (1, 2, 3, 4),
+                stages_tried: tuple[int, ...] = (2, 3, 4)) -> None:
     """The Triton level kernel + merge over tuning choices: keys per block, warps, pipeline stages,
-    and each group's pages split across `splits` items (each a partial of its own, merged after)."""
+    query tiles of 32 or 64 tokens, and each group's pages split across `splits` items (each a
+    partial of its own, merged after)."""
     rows = groups * per_group
     cache = kv_cache(groups * shared)
     q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
@@ -180,16 +212,18 @@ def level_sweep(groups: int, per_group: int, shared: int) -> None:
     out, lse = own.clone(), own_lse.clone()
     reference = None
     results = []
-    for splits in (1, 2, 3, 4):
-        work = level_work(groups, per_group, shared, splits)
+    shapes = [(splits, tile) for splits in splits_tried for tile in (LEVEL_TILE_TOKENS, 2 * LEVEL_TILE_TOKENS)
+              if tile == LEVEL_TILE_TOKENS or (splits == 1 and per_group >= tile)]
+    for splits, tile in shapes:
+        work = level_work(groups, per_group, shared, splits, tile)
         num_items = torch.tensor([work.shape[0]], dtype=torch.int32, device=DEVICE)
         partial_out = torch.empty(splits, rows, HQ, DIM, device=DEVICE)
         partial_lse = torch.empty(splits, rows, HQ, device=DEVICE)
         counts = torch.full((rows,), splits, dtype=torch.int32, device=DEVICE)
         for block_n in (32, 64, 128):
             for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    config = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+                for stages in stages_tried:
+                    config = dict(block_n=block_n, num_warps=warps, num_stages=stages, tile_tokens=tile)
 
                     def level_and_merge() -> None:
                         sl.shared_level_attention(q, *cache, work, num_items, pages, partial_out, partial_lse,
@@ -212,7 +246,8 @@ def level_sweep(groups: int, per_group: int, shared: int) -> None:
     for ms, splits, config, error in results[:8]:
         print(f"sweep {groups} groups x {per_group} x {shared} pages: splits={splits} {config}: {ms:.4f} ms "
               f"(max diff {error:.4f})", flush=True)
-    default = next(r for r in results if r[1] == 1 and r[2] == dict(block_n=64, num_warps=4, num_stages=2))
+    default = next(r for r in results if r[1] == 1 and r[2] == dict(block_n=64, num_warps=4, num_stages=2,
+                                                                     tile_tokens=LEVEL_TILE_TOKENS))
     print(f"sweep {groups} groups x {per_group} x {shared} pages: current choice {default[0]:.4f} ms", flush=True)
 
 
@@ -271,6 +306,9 @@ if __name__ == "__main__":
         for low, high in ((12, 20), (18, 26), (24, 32), (30, 38), (40, 48)):
             own_pages(f"tails of {low}-{high} pages", 704, low, high)
         own_pages("nosharing", 140, 7, 130)
+    if "spread" in parts:
+        own_pages_spread("sharedprefix own tails", 1024, 8, 14, 25489)
+        own_pages_spread("samples own tails", 704, 24, 32, 25489)
     if "level" in parts:
         shared_level()
     if "triton" in parts:
@@ -279,6 +317,9 @@ if __name__ == "__main__":
     if "sweep" in parts:
         for shape in ((16, 64, 125), (21, 32, 62), (32, 32, 125), (24, 32, 62)):
             level_sweep(*shape)
+    if "tile" in parts:  # the sweep's quick part: 64-token tiles against the current choice
+        for shape in ((16, 64, 125), (21, 32, 62)):
+            level_sweep(*shape, splits_tried=(1,), stages_tried=(2, 3))
     if "sampler" in parts:
         sampler_rows()
     if "gemm" in parts:

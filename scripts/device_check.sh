@@ -4,6 +4,7 @@
 # STEP is one of:
 #   tests[:EXPR]                   the GPU test suite (tests/test_gpu.py), or its tests matching pytest -k EXPR
 #   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the Llama-3.1-8B shape
+#                                  (engine arguments: $ENGINE_ARGS, JSON, default the runs' max_num_seqs 1024, 16K tokens)
 #   profile:ARGS                   python -m forkserve.bench.profile .shared/llama-3.1-8b ARGS (ARGS space-separated)
 #   phases:ARGS                    python -m forkserve.bench.phases .shared/llama-3.1-8b ARGS (host time per step phase)
 #   probe[:PARTS]                  python scripts/attention_probe.py [PARTS, comma-separated: own,level,triton,gemm]
@@ -13,6 +14,7 @@
 # ../shared/bench), and optionally .fi-cache/ (FlashInfer + Triton JIT output from an earlier run,
 # saved again under $OUT at the end). vLLM runs only where /tmp/vsite holds it (../shared/device/README.md).
 set -uo pipefail
+default_engine_args='{"max_num_seqs": 1024, "max_num_batched_tokens": 16384}'
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
@@ -44,8 +46,8 @@ for step in "$@"; do
             IFS=: read -r _ workloads engine <<< "$step"
             timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench --model-config .shared/llama-3.1-8b \
                 --engine "${engine:-forkserve}" --workloads "$workloads" --out "$out" \
-                --engine-args '{"max_num_seqs": 1024, "max_num_batched_tokens": 16384}' 2>&1 \
-                | grep -v " INFO " | tee -a "$out/bench.log" ;;
+                --engine-args "${ENGINE_ARGS:-$default_engine_args}" 2>&1 \
+                | awk '!/ INFO / || /KV cache size|Maximum concurrency/' | tee -a "$out/bench.log" ;;
         profile:*)
             # shellcheck disable=SC2086
             timeout "${PROFILE_TIMEOUT:-300}" python3 -m forkserve.bench.profile .shared/llama-3.1-8b ${step#profile:} \

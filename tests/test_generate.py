@@ -190,24 +190,40 @@ def test_unknown_engine_argument(tiny_model_factory) -> None:
 
 
 def test_generate_leaves_the_garbage_collector_as_it_found_it(tiny_model_factory) -> None:
-    """A batch is validated and planned with the collector off (api.collector_paused), then runs
-    with the objects alive at its start frozen and full collections deferred
-    (api.out_of_the_collectors_sight): afterwards the collector is on, nothing of it stays frozen,
-    the thresholds are back, and a caller's own freeze, or switching the collector off, is left in place."""
+    """A batch is validated and planned with the collector off (api.planning_a_batch), then runs
+    with the objects alive at its start, those planning made included, frozen and full collections
+    deferred (api.out_of_the_collectors_sight): afterwards the collector is on, nothing of it stays
+    frozen, the thresholds are back, and a caller's own freeze, or switching the collector off, is
+    left in place."""
     llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype="float32")
     engine = llm.engine
     frozen_during: list[int] = []
     thresholds_during: list[tuple[int, int, int]] = []
     enabled_while_planning: list[bool] = []
     step, make_prompt, add_requests = engine.step, engine.make_prompt, engine.add_requests
-    engine.step = lambda: frozen_during.append(gc.get_freeze_count()) or \
-        thresholds_during.append(gc.get_threshold()) or step()
-    engine.make_prompt = lambda *a: enabled_while_planning.append(gc.isenabled()) or make_prompt(*a)
+    collections: list[str] = []  # "validating", "step" and a "collection" per collection, in order
+    gc.callbacks.append(lambda phase, info: phase == "start" and collections.append("collection"))
+
+    def watched_step():
+        collections.append("step")
+        frozen_during.append(gc.get_freeze_count())
+        thresholds_during.append(gc.get_threshold())
+        return step()
+
+    engine.step = watched_step
+    engine.make_prompt = lambda *a: collections.append("validating") or \
+        enabled_while_planning.append(gc.isenabled()) or make_prompt(*a)
     engine.add_requests = lambda *a: enabled_while_planning.append(gc.isenabled()) or add_requests(*a)
     thresholds = gc.get_threshold()
-    llm.generate([{"prompt_token_ids": [4, 5, 6]}], SamplingParams(max_tokens=2), use_tqdm=False)
-    assert enabled_while_planning == [False, False] and gc.isenabled()
+    try:  # enough requests that planning makes more objects than a young collection waits for
+        llm.generate([{"prompt_token_ids": [4, 5, i]} for i in range(100)], SamplingParams(max_tokens=2),
+                     use_tqdm=False)
+    finally:
+        gc.callbacks.pop()
+    assert enabled_while_planning == [False] * 101 and gc.isenabled()
     assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    # No collection walked what validation and planning made before the first step.
+    assert "collection" not in collections[collections.index("validating"):collections.index("step")]
     assert all(t[:2] == thresholds[:2] and t[2] > 1000 * thresholds[2] for t in thresholds_during)
     assert gc.get_threshold() == thresholds
     gc.freeze()

@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import forkserve.runner as runner_module
-from forkserve.api import LLM, collector_paused, out_of_the_collectors_sight
+from forkserve.api import LLM, out_of_the_collectors_sight, planning_a_batch
 from forkserve.attention.cascade import CascadePlanner
 from forkserve.attention.flashinfer import FlashInferBackend
 from forkserve.bench.profile import device_spans, idle_between_kernels, idle_per_marker, kernel_totals_ms
@@ -130,7 +130,7 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], kern
     engine = llm.engine
     workload = build(name)
     added = time.perf_counter()
-    with collector_paused():  # as LLM.generate validates and plans
+    with planning_a_batch():  # as LLM.generate validates and plans
         engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
                               SamplingParams(temperature=workload.temperature, n=r.n, max_tokens=r.max_tokens,
                                              ignore_eos=True))

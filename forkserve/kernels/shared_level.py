@@ -73,14 +73,15 @@ def _shared_level_kernel(q_ptr, k_ptr, v_ptr, work_ptr, num_items_ptr, pages_ptr
 def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: torch.Tensor,
                            num_items: torch.Tensor, pages: torch.Tensor, partial_out: torch.Tensor,
                            partial_lse: torch.Tensor, block_n: int = KEYS_PER_BLOCK, num_warps: int = 4,
-                           num_stages: int = 2) -> None:
+                           num_stages: int = 2, tile_tokens: int = LEVEL_TILE_TOKENS) -> None:
     """Every work item's queries over its pages, into its slot of the partials (`LevelWork`).
 
     q: [T, Hq, D]; k_cache/v_cache: one layer's [pages, page_size, Hkv, D]; work: [>= W, 5] int32
     whose first num_items[0] rows are the items (read on the device, so fixed buffers serve CUDA
     graphs); pages: int32 page list the items index; partial_out: [S, T, Hq, D] fp32, partial_lse:
     [S, T, Hq] fp32 (base 2), written where an item's tokens and slot say. block_n, num_warps and
-    num_stages are the kernel's tuning (`scripts/attention_probe.py sweep` times them).
+    num_stages are the kernel's tuning (`scripts/attention_probe.py sweep` times them), tile_tokens
+    the most tokens an item may have (the work list's cut).
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -90,7 +91,7 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         partial_out.stride(0), partial_out.stride(1), partial_lse.stride(0), partial_lse.stride(1),
         head_dim ** -0.5 * 1.4426950408889634, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim,
-        PAGE=k_cache.shape[1], TOKENS=LEVEL_TILE_TOKENS, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        PAGE=k_cache.shape[1], TOKENS=tile_tokens, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 @triton.jit
