@@ -86,12 +86,14 @@ def _alloc_retries() -> int | None:
     return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else None
 
 
-def _peak_reserved() -> int:
+def _peak_memory() -> dict[str, float]:
     """The most device memory PyTorch's allocator has held at once (KV pool, weights, activations,
-    graph pools): how close the pool's sizing came to the memory limit."""
+    graph pools: how close the pool's sizing came to the memory limit), and the most its tensors
+    used at once (the difference is its cache's fragmentation), in GiB."""
     import torch
 
-    return torch.cuda.max_memory_reserved()
+    return {"cuda_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "cuda_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
 def main(argv: list[str]) -> int:
@@ -122,7 +124,7 @@ def main(argv: list[str]) -> int:
             stats.update(step_breakdown(trace, end))
         if engine == "forkserve" and retries is not None:  # vLLM allocates in its engine process
             stats["cuda_alloc_retries"] = _alloc_retries() - retries
-            stats["cuda_peak_reserved_gib"] = round(_peak_reserved() / 2**30, 2)
+            stats.update(_peak_memory())
         result = dict(engine=engine, workload=name, seconds=round(seconds, 3), prompt_tokens=in_tok,
                       output_tokens=out_tok, output_tok_s=round(out_tok / seconds, 1),
                       total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=stats)
