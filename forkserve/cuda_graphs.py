@@ -37,6 +37,11 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return [s for s in sizes if s < max_batch] + [max_batch]
 
 
+def padded_size(sizes: list[int], rows: int) -> int:
+    """The smallest of `sizes` (ascending) that holds `rows`; rows itself past the largest."""
+    return sizes[bisect_left(sizes, rows)] if sizes and rows <= sizes[-1] else rows
+
+
 class DecodeGraphs:
     @staticmethod
     def _level_pages(max_batch: int, max_pages_per_seq: int, max_levels: int) -> int:
@@ -159,7 +164,7 @@ class DecodeGraphs:
         """The decode forward's hidden states by graph replay: the batch's rows, then the padding
         rows up to the captured size (so that logits can be computed for that size, runner.py)."""
         rows = meta.num_seqs
-        size = self.sizes[bisect_left(self.sizes, rows)]
+        size = padded_size(self.sizes, rows)
         plan = meta.cascade
         tensor_cores = self.uses_tensor_cores(meta)
         graph = self.graphs[(size, tensor_cores, plan is not None)]

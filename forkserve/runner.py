@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata
 from forkserve.attention.cascade import CascadePlanner
-from forkserve.cuda_graphs import DecodeGraphs
+from forkserve.cuda_graphs import DecodeGraphs, padded_size
 from forkserve.engine.pages import KVCache
 from forkserve.engine.scheduler import ScheduledSeq
 from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws
@@ -147,15 +146,11 @@ class ModelRunner:
         a prefill step's logits waited 250-680 ms so), after which the GPU sat idle until the next
         step was queued (~50 ms per new kernel)."""
         rows = len(last)
-        padded = self._padded_rows(rows)
+        padded = padded_size(self.logits_sizes, rows)
         if last[-1] == rows - 1 and hidden.shape[0] >= padded:  # the leading rows: every row samples
             return self.model.compute_logits(hidden[:padded])[:rows]
         index = to_device(last + [last[-1]] * (padded - rows), self.device, torch.long)
         return self.model.compute_logits(hidden[index])[:rows]
-
-    def _padded_rows(self, rows: int) -> int:
-        sizes = self.logits_sizes
-        return sizes[bisect_left(sizes, rows)] if sizes and rows <= sizes[-1] else rows
 
     @torch.inference_mode()
     def _load_logits_kernels(self) -> None:

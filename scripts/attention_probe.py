@@ -13,7 +13,7 @@ layer's four GEMMs by row count; curve: the same at every decode graph size. Run
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flashinfer
 import torch
@@ -50,56 +50,66 @@ def kv_cache(num_pages: int, layout: str = "NHD") -> tuple[torch.Tensor, torch.T
     return torch.randn(shape, device=DEVICE, dtype=DTYPE), torch.randn(shape, device=DEVICE, dtype=DTYPE)
 
 
+class Tails(NamedTuple):
+    """`rows` private tails of random lengths: their page-table CSR, last-page lengths and queries."""
+    indptr: torch.Tensor
+    last: torch.Tensor
+    q: torch.Tensor
+    total_pages: int
+
+    @classmethod
+    def random(cls, rows: int, low: int, high: int) -> "Tails":
+        pages = torch.randint(low, high + 1, (rows,), dtype=torch.int32)
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages.cumsum(0).to(torch.int32)])
+        return cls(indptr, torch.randint(1, PAGE + 1, (rows,), dtype=torch.int32),
+                   torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE), int(pages.sum()))
+
+    @property
+    def gigabytes(self) -> float:
+        return self.total_pages * PAGE * HKV * DIM * 2 * 2 / 1e9
+
+
+def decode_ms(tails: Tails, indices: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], layout: str = "NHD",
+              tensor_cores: bool = False, split_kv: bool = True) -> float:
+    """FlashInfer's decode kernel over the tails, pages `indices`, bound to CUDA-graph buffers."""
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        WORKSPACE, layout, use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=tails.indptr.to(DEVICE), paged_kv_indices_buffer=indices.to(DEVICE),
+        paged_kv_last_page_len_buffer=tails.last.to(DEVICE))
+    wrapper.plan(tails.indptr, indices.to(DEVICE), tails.last, HQ, HKV, DIM, PAGE, q_data_type=DTYPE,
+                 kv_data_type=DTYPE, **({} if split_kv else {"disable_split_kv": True}))
+    return ms_per_call(lambda: wrapper.run(tails.q, cache, return_lse=True))
+
+
 def own_pages(name: str, rows: int, low: int, high: int) -> None:
     """Decode over `rows` private tails of low..high pages each."""
-    pages = torch.randint(low, high + 1, (rows,), dtype=torch.int32)
-    total = int(pages.sum())
-    indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages.cumsum(0).to(torch.int32)])
+    tails = Tails.random(rows, low, high)
+    total = tails.total_pages
     indices = torch.randperm(total, dtype=torch.int32)
-    last = torch.randint(1, PAGE + 1, (rows,), dtype=torch.int32)
-    q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
-    gigabytes = total * PAGE * HKV * DIM * 2 * 2 / 1e9
     for layout, tensor_cores, no_split in ((layout, *kernel) for layout in ("NHD", "HND")
                                            for kernel in ((True, False), (True, True), (False, False))):
-        cache = kv_cache(total, layout)
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            WORKSPACE, layout, use_cuda_graph=True, use_tensor_cores=tensor_cores,
-            paged_kv_indptr_buffer=indptr.to(DEVICE), paged_kv_indices_buffer=indices.to(DEVICE),
-            paged_kv_last_page_len_buffer=last.to(DEVICE))
-        wrapper.plan(indptr, indices.to(DEVICE), last, HQ, HKV, DIM, PAGE, q_data_type=DTYPE, kv_data_type=DTYPE,
-                     **({"disable_split_kv": True} if no_split else {}))
-        ms = ms_per_call(lambda: wrapper.run(q, cache, return_lse=True))
+        ms = decode_ms(tails, indices, kv_cache(total, layout), layout, tensor_cores, split_kv=not no_split)
         print(f"{name}: {rows} rows, {total} pages, {layout} decode tensor_cores={tensor_cores} "
               f"split-kv={not no_split}: "
-              f"{ms:.3f} ms ({gigabytes / ms:.2f} TB/s)", flush=True)
+              f"{ms:.3f} ms ({tails.gigabytes / ms:.2f} TB/s)", flush=True)
 
 
 def own_pages_spread(name: str, rows: int, low: int, high: int, pool_pages: int) -> None:
     """The CUDA-core decode (the engine's kernel for short tails) over the same tails with their pages
     packed into a region of their own size, or scattered over a pool's worth of pages (the engine's
     KV tensor per layer), each row's pages in random or ascending order."""
-    pages = torch.randint(low, high + 1, (rows,), dtype=torch.int32)
-    total = int(pages.sum())
-    indptr = torch.cat([torch.zeros(1, dtype=torch.int32), pages.cumsum(0).to(torch.int32)])
-    last = torch.randint(1, PAGE + 1, (rows,), dtype=torch.int32)
-    q = torch.randn(rows, HQ, DIM, device=DEVICE, dtype=DTYPE)
-    gigabytes = total * PAGE * HKV * DIM * 2 * 2 / 1e9
+    tails = Tails.random(rows, low, high)
+    total, indptr = tails.total_pages, tails.indptr
     cache = kv_cache(pool_pages)
-    packed = torch.randperm(total, dtype=torch.int32)
     spread = torch.randperm(pool_pages, dtype=torch.int32)[:total]
-    layouts = {"packed": packed, "spread": spread,
+    layouts = {"packed": torch.randperm(total, dtype=torch.int32), "spread": spread,
                "spread, ascending per row": torch.cat([spread[indptr[r]:indptr[r + 1]].sort().values
                                                        for r in range(rows)]),
                "spread, rows in page order": spread.sort().values}
     for label, indices in layouts.items():
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            WORKSPACE, "NHD", use_cuda_graph=True, use_tensor_cores=False,
-            paged_kv_indptr_buffer=indptr.to(DEVICE), paged_kv_indices_buffer=indices.to(DEVICE),
-            paged_kv_last_page_len_buffer=last.to(DEVICE))
-        wrapper.plan(indptr, indices.to(DEVICE), last, HQ, HKV, DIM, PAGE, q_data_type=DTYPE, kv_data_type=DTYPE)
-        ms = ms_per_call(lambda: wrapper.run(q, cache, return_lse=True))
+        ms = decode_ms(tails, indices, cache)
         print(f"{name}: {rows} rows, {total} pages {label} in a pool of {pool_pages}: CUDA-core decode "
-              f"{ms:.3f} ms ({gigabytes / ms:.2f} TB/s)", flush=True)
+              f"{ms:.3f} ms ({tails.gigabytes / ms:.2f} TB/s)", flush=True)
 
 
 def shared_level(groups: int = 16, per_group: int = 64, shared: int = 125) -> None:

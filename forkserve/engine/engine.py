@@ -71,10 +71,10 @@ class Engine:
                                    config.min_shared_prefix_len)
         backend = self._make_backend()
         sampler = ForkingSampler(Sampler(config.seed, self.device), config.max_num_seqs)
-        graphs = self._make_graphs(backend, self.cascade_rule)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device, graphs,
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device,
+                                  self._make_graphs(backend, self.cascade_rule),
                                   None if self.cascade_rule is None else CascadePlanner(self.cascade_rule),
-                                  self._logits_sizes(graphs))
+                                  self._logits_sizes())
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
@@ -126,12 +126,10 @@ class Engine:
         return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, self._max_pages_per_seq,
                             self.device, cascade.max_levels if cascade is not None else 0)
 
-    def _logits_sizes(self, graphs: DecodeGraphs | None) -> list[int] | None:
+    def _logits_sizes(self) -> list[int] | None:
         """Row counts logits are computed for on a GPU (runner.py): the decode graphs' sizes, whose
         padded hidden states then serve as they are."""
-        if self.device.type != "cuda":
-            return None
-        return graphs.sizes if graphs is not None else graph_batch_sizes(self.config.max_num_seqs)
+        return graph_batch_sizes(self.config.max_num_seqs) if self.device.type == "cuda" else None
 
     @property
     def _max_pages_per_seq(self) -> int:
