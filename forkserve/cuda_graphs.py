@@ -51,7 +51,7 @@ class DecodeGraphs:
     @staticmethod
     def reserved_bytes(max_batch: int, max_pages_per_seq: int, max_levels: int, num_q_heads: int,
                        head_dim: int) -> int:
-        """Device memory the graphs hold besides their activations (which the step reserve covers):
+        """Device memory the graphs hold besides their activations' pool (engine/memory.py measures that):
         the decode wrappers' shared schedule buffer, the page-index buffers and the shared levels'
         buffers."""
         wrappers = FLASHINFER_WRAPPER_BYTES  # one schedule buffer serves every graph wrapper

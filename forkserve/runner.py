@@ -154,8 +154,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _load_logits_kernels(self) -> None:
-        """Run the LM head once at each of `logits_sizes`, so no step is the first to use a kernel."""
-        for rows in self.logits_sizes:
+        """Run the LM head once at each of `logits_sizes`, so no step is the first to use a kernel.
+        Largest first: each smaller output then fits in a block the allocator holds already (in
+        increasing order every output took a new segment, 8.4 GiB of cache on the 8B shape)."""
+        for rows in reversed(self.logits_sizes):
             self.model.compute_logits(torch.zeros(rows, self.model.config.hidden_size,
                                                   dtype=self.model.embed_tokens.weight.dtype, device=self.device))
 

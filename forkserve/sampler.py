@@ -140,6 +140,15 @@ def _is_plain(row: SamplingRow) -> bool:
         and not p.frequency_penalty and not p.presence_penalty
 
 
+# Rows the general path draws at once: its [rows, vocab] temporaries (fp32 copies, the top-p
+# sort and its int64 order, penalty counts, seeded hashes) stay a few hundred MB however many
+# rows a step samples, so the KV pool's sizing (engine/memory.py) need not leave gigabytes for them.
+# Below 128 rows torch.sort (CUDA) sorts all rows as one array keyed by row, with scratch that
+# grows with the rows; at 128 or more it switches method. Chunks below 128 rows keep one method,
+# so a full chunk is the general path's worst case, which the sizing's profile step runs.
+GENERAL_PATH_ROWS = 64
+
+
 class Sampler:
     def __init__(self, seed: int | None = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -159,6 +168,20 @@ class Sampler:
                                      logits.device, torch.float32)
             tokens, chosen = kernels.sample(logits, temperatures, self._philox.getrandbits(31))
             return Draws(tokens, chosen, [None] * len(rows))
+        wanted = [r.params.logprobs for r in rows]
+        k = max((w if w is not None else -1) for w in wanted)
+        parts = [self._draw_general(logits[i:i + GENERAL_PATH_ROWS], rows[i:i + GENERAL_PATH_ROWS], k)
+                 for i in range(0, len(rows), GENERAL_PATH_ROWS)]
+        tokens, chosen, ranks, top_ids, top_values = (
+            None if column[0] is None else column[0] if len(column) == 1 else torch.cat(column)
+            for column in zip(*parts))
+        return Draws(tokens, chosen, wanted, ranks, top_ids, top_values)
+
+    def _draw_general(self, logits: torch.Tensor, rows: Sequence[SamplingRow], k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                 torch.Tensor | None]:
+        """Tokens, their logprobs, and (k >= 0) their ranks and the k best logprobs, of up to
+        GENERAL_PATH_ROWS rows."""
         logits = logits.float()
         log_normaliser = torch.logsumexp(logits, dim=-1)
         raw_logits = logits
@@ -176,14 +199,13 @@ class Sampler:
             if any(greedy):
                 tokens = torch.where(to_device(greedy, logits.device), logits.argmax(dim=-1), tokens)
         chosen = raw_logits.gather(1, tokens[:, None]).squeeze(1) - log_normaliser
-        wanted = [r.params.logprobs for r in rows]
-        k = max((w if w is not None else -1) for w in wanted)
         if k < 0:  # nobody asked for logprobs: skip the ranks and top-k passes over the vocabulary
-            return Draws(tokens, chosen, wanted)
+            return tokens, chosen, None, None, None
         ranks = (raw_logits > raw_logits.gather(1, tokens[:, None])).sum(dim=-1) + 1
-        top = torch.topk(raw_logits, k, dim=-1) if k else None
-        return Draws(tokens, chosen, wanted, ranks, top.indices if top is not None else None,
-                     top.values - log_normaliser[:, None] if top is not None else None)
+        if not k:
+            return tokens, chosen, ranks, None, None
+        top = torch.topk(raw_logits, k, dim=-1)
+        return tokens, chosen, ranks, top.indices, top.values - log_normaliser[:, None]
 
     def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """vLLM's penalties: repetition over prompt and output, frequency and presence over output."""

@@ -47,7 +47,7 @@ for step in "$@"; do
             timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench --model-config .shared/llama-3.1-8b \
                 --engine "${engine:-forkserve}" --workloads "$workloads" --out "$out" \
                 --engine-args "${ENGINE_ARGS:-$default_engine_args}" 2>&1 \
-                | awk '!/ INFO / || /KV cache size|Maximum concurrency/' | tee -a "$out/bench.log" ;;
+                | awk '!/ INFO / || /KV cache size|Maximum concurrency|KV pool/' | tee -a "$out/bench.log" ;;
         profile:*)
             # shellcheck disable=SC2086
             timeout "${PROFILE_TIMEOUT:-300}" python3 -m forkserve.bench.profile .shared/llama-3.1-8b ${step#profile:} \

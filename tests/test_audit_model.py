@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from cpu_llm import cpu_llm
 from forkserve import SamplingParams
+from forkserve.model import llama
 from forkserve.model.config import ModelConfig
 from hf_oracle import assert_matches_hf, hf_greedy, hf_model, tie_eps
 
@@ -71,6 +72,16 @@ def test_sharded_mistral_matches_hf(sharded_mistral: str) -> None:
     assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == shards
     assert ModelConfig.from_dir(sharded_mistral).architecture == "MistralForCausalLM"
     check_greedy(sharded_mistral)
+
+
+def test_mlp_in_chunks_matches_hf(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps longer than MLP_CHUNK_TOKENS run their MLP a chunk at a time (bounded activation
+    memory): with chunks of 5 tokens every prompt's prefill is chunked, and the tokens are HF's."""
+    monkeypatch.setattr(llama, "MLP_CHUNK_TOKENS", 5)
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or mm(*a, **k))
+    check_greedy(str(llama_dir))
+    assert calls, "no step ran its MLP in chunks"
 
 
 def test_sliding_window_bounds_the_context(tiny_model_factory, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
 import random
 
 import pytest
@@ -260,3 +262,52 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
     # Random tiny weights give flat distributions, so near-ties are common: 189 of 480 steps come
     # before one on an H100. Demanding 30% keeps the test meaningful without flaking.
     assert compared >= 0.3 * 40 * len(prompts), f"only {compared} tokens compared: too many near-ties"
+
+
+@pytest.fixture
+def wide_vocab_model(tmp_path) -> str:  # noqa: ANN001
+    """Two layers of Llama-3.1-8B's width and vocabulary (dummy weights, no tokenizer): a step's
+    logits and sampling temporaries are as large as the 8B model's, the weights 3 GiB."""
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+                  num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=2, vocab_size=128256,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu",
+                  tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, head_dim=128)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    gc.collect()
+    torch.cuda.empty_cache()  # earlier tests' cached blocks would count as in use when the pool is sized
+    return str(tmp_path)
+
+
+WIDE = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_num_seqs=256,
+            max_num_batched_tokens=4096, gpu_memory_utilization=0.3)
+
+
+def test_start_up_leaves_little_memory_cached(wide_vocab_model: str) -> None:
+    """After start-up the allocator holds little it is not using: the profile's blocks are
+    released before the pool is allocated, and the LM head's runs at every logits size reuse the
+    largest one's block (run smallest first, each took a segment of its own: over 1 GiB here)."""
+    llm = LLM(wide_vocab_model, **WIDE)
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert cached < 256 << 20, f"{cached / 2**20:.0f} MiB cached but unused after start-up"
+    assert llm.engine.step_memory is not None and llm.engine.step_memory.eager_peak > 0
+
+
+def test_profiled_step_peak_covers_every_step(wide_vocab_model: str) -> None:
+    """Steps that prefill max_num_batched_tokens tokens and sample max_num_seqs rows through the
+    sampler's general path (top-p, penalties, seeds, logprobs) stay within the peak measured at
+    start-up, which the pool's size left room for."""
+    llm = LLM(wide_vocab_model, **WIDE)
+    rng = random.Random(0)
+    shared = [rng.randrange(3, 30000) for _ in range(200)]
+    prompts = [{"prompt_token_ids": shared + [rng.randrange(3, 30000) for _ in range(rng.randint(5, 60))]}
+               for _ in range(250)] + [{"prompt_token_ids": [rng.randrange(3, 30000) for _ in range(3000)]}]
+    general = [SamplingParams(temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.1, logprobs=3,
+                              seed=i, max_tokens=4, ignore_eos=True) for i in range(len(prompts))]
+    llm.generate(prompts[:20], general[:20], use_tqdm=False)  # level wrappers and kernels made before measuring
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    llm.generate(prompts, general, use_tqdm=False)
+    rise = torch.cuda.max_memory_allocated() - before
+    assert rise <= llm.engine.step_memory.eager_peak, \
+        f"steps rose {rise / 2**20:.0f} MiB, the profile measured {llm.engine.step_memory.eager_peak / 2**20:.0f}"

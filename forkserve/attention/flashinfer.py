@@ -131,7 +131,7 @@ class DecodeLevels:
 
 class FlashInferBackend(AttentionBackend):
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, max_levels: int = 0) -> None:
         import flashinfer  # imported here: CPU installs never need it
 
         self._flashinfer = flashinfer
@@ -142,7 +142,10 @@ class FlashInferBackend(AttentionBackend):
         self._decode = {tensor_cores: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=tensor_cores) for tensor_cores in (True, False)}
         self._active: list[AttentionPart] = []  # this step's own-pages attention (see prepare)
-        self._levels: list = []  # one prefill wrapper per shared level of cascade plans, made as needed
+        # One prefill wrapper per shared level of cascade plans: max_levels made now (their schedule
+        # buffers then count among what the KV pool's sizing finds in use), deeper ones as needed.
+        self._levels: list = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+                              for _ in range(max_levels)]
         self._active_levels: list[tuple[object, torch.Tensor]] | DecodeLevels = []  # this step's levels (see run)
         self._staged: dict[int, torch.cuda.Event] = {}  # per wrapper: when its last plan's copies are queued
         # One device schedule buffer for all CUDA-graph wrappers (FlashInfer gives each its own):

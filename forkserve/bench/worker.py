@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -96,14 +97,64 @@ def _peak_memory() -> dict[str, float]:
             "cuda_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+def _device_used_gib() -> float | None:
+    """Device memory in use by every process on the GPU (nvidia-smi), in GiB: compares the two
+    engines at the same gpu_memory_utilization, vLLM's engine running in a process of its own."""
+    try:
+        used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+        return round(int(used.split()[0]) / 1024, 2)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _memory_segments(stage: str) -> None:
+    """Log where the allocator's reserved memory sits (why `cuda_peak_reserved_gib` exceeds the
+    tensors' peak): per pool (the default one, the decode graphs' private one), reserved,
+    allocated, segment count, bytes in wholly free segments and the largest free block; and the
+    biggest segments. In GiB (MiB for segments)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    pools: dict[str, dict[str, float]] = {}
+    biggest = []
+    for seg in torch.cuda.memory_snapshot():
+        pool = "default" if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) else "graphs"
+        entry = pools.setdefault(pool, dict(reserved=0, allocated=0, segments=0, free_segments=0, largest_free=0))
+        entry["reserved"] += seg["total_size"]
+        entry["allocated"] += seg["allocated_size"]
+        entry["segments"] += 1
+        if seg["allocated_size"] == 0:
+            entry["free_segments"] += seg["total_size"]
+        free = [b["size"] for b in seg["blocks"] if b["state"] == "inactive"]
+        entry["largest_free"] = max([entry["largest_free"], *free])
+        biggest.append((seg["total_size"] >> 20, seg["allocated_size"] >> 20, pool))
+    for entry in pools.values():
+        for key in ("reserved", "allocated", "free_segments", "largest_free"):
+            entry[key] = round(entry[key] / 2**30, 3)
+    biggest.sort(reverse=True)
+    free, total = torch.cuda.mem_get_info()
+    print(f"MEMORY {stage} " + json.dumps(dict(pools=pools, biggest_segments_mib=biggest[:16],
+                                              device_used_gib=round((total - free) / 2**30, 2),
+                                              device_total_gib=round(total / 2**30, 2),
+                                              peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                                              peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))),
+          flush=True)
+
+
 def main(argv: list[str]) -> int:
     engine, model_dir, names, scale, engine_args = argv[0], argv[1], argv[2].split(","), int(argv[3]), json.loads(argv[4])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     under_test = (vllm_runner if engine == "vllm" else forkserve_runner)(model_dir, engine_args)
     print(f"STARTUP {time.perf_counter() - start:.1f}", flush=True)
+    if engine == "forkserve":
+        _memory_segments("start-up")
     for warmup in warm_up_workloads():
         under_test.generate(warmup)
+        if engine == "forkserve":
+            _memory_segments(f"warm-up {warmup.name}")
     for name in names:
         w = build(name, scale)
         before = under_test.stats()
@@ -122,9 +173,11 @@ def main(argv: list[str]) -> int:
         trace = [step for step in under_test.steps() if step[0] >= t]
         if trace:
             stats.update(step_breakdown(trace, end))
+        stats["device_used_gib"] = _device_used_gib()
         if engine == "forkserve" and retries is not None:  # vLLM allocates in its engine process
             stats["cuda_alloc_retries"] = _alloc_retries() - retries
             stats.update(_peak_memory())
+            _memory_segments(name)
         result = dict(engine=engine, workload=name, seconds=round(seconds, 3), prompt_tokens=in_tok,
                       output_tokens=out_tok, output_tok_s=round(out_tok / seconds, 1),
                       total_tok_s=round((in_tok + out_tok) / seconds, 1), stats=stats)

@@ -17,6 +17,7 @@ from forkserve.attention.reference import ReferenceBackend
 from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device,
                               resolve_dtype)
 from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws, fork_kv
+from forkserve.engine.memory import StepMemory, kv_pool_bytes, profile_step_memory
 from forkserve.engine.pages import KVCache, PagePool
 from forkserve.engine.scheduler import ScheduledSeq, Scheduler
 from forkserve.engine.sequence import Request, Sequence, SequenceStatus
@@ -63,16 +64,18 @@ class Engine:
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer or config.model)
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format)
         self.cascade_rule = None if config.disable_cascade_attn else CascadeRule()
-        self.kv_cache = self._make_kv_cache()
+        self.step_memory: StepMemory | None = None  # the profile steps' peaks, where they sized the pool
+        backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
+        sampler = Sampler(config.seed, self.device)
+        self.kv_cache = self._make_kv_cache(sampler)
         self.pool = PagePool(self.kv_cache.num_pages, config.block_size)
         self.tree = PrefixTree(self.pool, self.kv_cache.copy_pages, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
-        backend = self._make_backend()
-        sampler = ForkingSampler(Sampler(config.seed, self.device), config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, sampler, self.device,
-                                  self._make_graphs(backend, self.cascade_rule),
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, ForkingSampler(sampler, config.max_num_seqs),
+                                  self.device,
+                                  self._make_graphs(backend),
                                   None if self.cascade_rule is None else CascadePlanner(self.cascade_rule),
                                   self._logits_sizes())
         self.requests: dict[str, Request] = {}
@@ -87,7 +90,7 @@ class Engine:
                     self.max_model_len)
 
     # ----------------------------------------------------------------------------- set-up
-    def _make_kv_cache(self) -> KVCache:
+    def _make_kv_cache(self, sampler: Sampler) -> KVCache:
         mc, cfg = self.model_config, self.config
         page_bytes = KVCache.bytes_per_page(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, self.dtype)
         if cfg.num_gpu_blocks_override is not None:
@@ -95,9 +98,7 @@ class Engine:
         elif cfg.kv_cache_memory_bytes is not None:
             num_pages = cfg.kv_cache_memory_bytes // page_bytes
         elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * cfg.gpu_memory_utilization - (total - free) - _activation_reserve(self)
-            num_pages = int(budget // page_bytes)
+            num_pages = self._pool_bytes_left(sampler) // page_bytes - 1  # less the scratch page
         else:
             num_pages = DEFAULT_CPU_KV_CACHE_BYTES // page_bytes
         if num_pages * cfg.block_size < self.max_model_len:
@@ -106,6 +107,19 @@ class Engine:
                 f"max_model_len={self.max_model_len} tokens: lower max_model_len or give the pool more pages")
         return KVCache(num_pages, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
                        self.dtype, self.device)
+
+    def _pool_bytes_left(self, sampler: Sampler) -> int:
+        """What gpu_memory_utilization leaves for the pool once the largest step's measured peak
+        and the decode graphs' memory are set aside (engine/memory.py)."""
+        mc, cfg = self.model_config, self.config
+        steps = self.step_memory = profile_step_memory(self.model, sampler, cfg.max_num_batched_tokens,
+                                                       cfg.max_num_seqs, cfg.max_logprobs, self.max_model_len,
+                                                       self._max_pages_per_seq, self.device)
+        graphs = 0
+        if self._uses_graphs():
+            graphs = steps.graph_peak + DecodeGraphs.reserved_bytes(cfg.max_num_seqs, self._max_pages_per_seq,
+                                                                    self._max_levels, mc.num_heads, mc.head_dim)
+        return kv_pool_bytes(self.device, cfg.gpu_memory_utilization, steps.eager_peak, graphs)
 
     def _make_backend(self) -> AttentionBackend:
         """FlashInfer on a GPU, the pure-torch reference elsewhere (or when asked for)."""
@@ -117,19 +131,25 @@ class Engine:
         if self.device.type != "cuda":
             raise ValueError(f"attention_backend={choice!r} needs a CUDA device, got {self.device}")
         mc = self.model_config
-        return FlashInferBackend(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        return FlashInferBackend(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
+                                 self._max_levels)
 
-    def _make_graphs(self, backend: AttentionBackend, cascade: CascadeRule | None) -> DecodeGraphs | None:
+    def _make_graphs(self, backend: AttentionBackend) -> DecodeGraphs | None:
         if not self._uses_graphs():
             return None
         assert isinstance(backend, FlashInferBackend)
         return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, self._max_pages_per_seq,
-                            self.device, cascade.max_levels if cascade is not None else 0)
+                            self.device, self._max_levels)
 
     def _logits_sizes(self) -> list[int] | None:
         """Row counts logits are computed for on a GPU (runner.py): the decode graphs' sizes, whose
         padded hidden states then serve as they are."""
         return graph_batch_sizes(self.config.max_num_seqs) if self.device.type == "cuda" else None
+
+    @property
+    def _max_levels(self) -> int:
+        """Shared-prefix levels a step attends to at most (0 with cascade attention off)."""
+        return self.cascade_rule.max_levels if self.cascade_rule is not None else 0
 
     @property
     def _max_pages_per_seq(self) -> int:
@@ -601,21 +621,6 @@ def _reaches_length(num_tokens: int, seq: Sequence, max_model_len: int) -> bool:
     """With num_tokens tokens (prompt included), seq reaches max_tokens or max_model_len."""
     max_tokens = seq.request.params.max_tokens
     return (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens) or num_tokens >= max_model_len
-
-
-def _activation_reserve(engine: Engine) -> int:
-    """Bytes kept free for activations and logits of the largest step, and for the CUDA graphs'
-    attention wrappers and index buffers (rough, on the safe side)."""
-    mc, cfg = engine.model_config, engine.config
-    per_token = (mc.hidden_size * 6 + mc.intermediate_size * 3) * 4
-    logits = cfg.max_num_seqs * mc.vocab_size * 4 * 3
-    graphs = 0
-    if engine._uses_graphs():
-        levels = engine.cascade_rule.max_levels if engine.cascade_rule is not None else 0
-        # The graphs' private memory pool holds the largest decode step's activations.
-        graphs = DecodeGraphs.reserved_bytes(cfg.max_num_seqs, engine._max_pages_per_seq, levels,
-                                             mc.num_heads, mc.head_dim) + cfg.max_num_seqs * per_token
-    return cfg.max_num_batched_tokens * per_token + logits + graphs
 
 
 def _load_tokenizer(path: str):

@@ -13,6 +13,8 @@ from torch import nn
 from forkserve.model.config import ModelConfig
 from forkserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
+MLP_CHUNK_TOKENS = 4096
+
 # attention(layer_index, q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D]) -> [T, Hq, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -58,7 +60,19 @@ class DecoderLayer(nn.Module):
         q, k = rotary(positions, q, k)
         attn = attention(self.index, q, k, v).reshape(tokens, self.q_size)
         normed, residual = self.post_attention_layernorm.add_and_norm(self.o_proj(attn), residual)
-        return self.down_proj(silu_and_mul(self.gate_up_proj(normed))), residual
+        return self._mlp(normed), residual
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate) * up), at most MLP_CHUNK_TOKENS tokens at a time: on the 8B shape a
+        16K-token step's gate/up activations would take 1.3 GiB at once, memory the KV pool's
+        sizing must leave free (engine/memory.py); GEMMs of 4K rows run at the same rate."""
+        if x.shape[0] <= MLP_CHUNK_TOKENS:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], MLP_CHUNK_TOKENS):
+            rows = slice(start, start + MLP_CHUNK_TOKENS)
+            torch.mm(silu_and_mul(self.gate_up_proj(x[rows])), self.down_proj.weight.t(), out=out[rows])
+        return out
 
 
 class LlamaForCausalLM(nn.Module):
