@@ -153,8 +153,6 @@ def main(argv: list[str]) -> int:
         _memory_segments("start-up")
     for warmup in warm_up_workloads():
         under_test.generate(warmup)
-        if engine == "forkserve":
-            _memory_segments(f"warm-up {warmup.name}")
     for name in names:
         w = build(name, scale)
         before = under_test.stats()

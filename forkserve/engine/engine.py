@@ -74,8 +74,7 @@ class Engine:
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, ForkingSampler(sampler, config.max_num_seqs),
-                                  self.device,
-                                  self._make_graphs(backend),
+                                  self.device, self._make_graphs(backend),
                                   None if self.cascade_rule is None else CascadePlanner(self.cascade_rule),
                                   self._logits_sizes())
         self.requests: dict[str, Request] = {}

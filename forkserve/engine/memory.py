@@ -93,6 +93,11 @@ def kv_pool_bytes(device: torch.device, gpu_memory_utilization: float, eager_pea
     in_use = total - free
     budget = int(total * gpu_memory_utilization) - in_use - eager_peak - graphs
     gib = 1 << 30
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} leaves no memory for the KV pool: of "
+                         f"{total / gib:.2f} GiB, {in_use / gib:.2f} are in use, the largest step needs "
+                         f"{eager_peak / gib:.2f} and the decode graphs {graphs / gib:.2f}; raise "
+                         "gpu_memory_utilization, or lower max_num_batched_tokens or max_num_seqs")
     logger.info("KV pool: %.2f GiB = %.2f x %.2f GiB, less %.2f in use (%.2f of it PyTorch's), %.2f for the "
                 "largest step, %.2f for the decode graphs", budget / gib, gpu_memory_utilization, total / gib,
                 in_use / gib, torch.cuda.memory_reserved(device) / gib, eager_peak / gib, graphs / gib)
