@@ -137,9 +137,7 @@ def _memory_segments(stage: str) -> None:
     free, total = torch.cuda.mem_get_info()
     print(f"MEMORY {stage} " + json.dumps(dict(pools=pools, biggest_segments_mib=biggest[:16],
                                               device_used_gib=round((total - free) / 2**30, 2),
-                                              device_total_gib=round(total / 2**30, 2),
-                                              peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                                              peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))),
+                                              device_total_gib=round(total / 2**30, 2), **_peak_memory())),
           flush=True)
 
 
