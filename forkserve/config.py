@@ -5,8 +5,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from forkserve.engine.planner import MIN_SHARED_PREFIX_LEN
-
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -16,6 +14,10 @@ _DTYPES = {
 # Host memory given to the KV pool on CPU when no size is set (vLLM's CPU backend uses a fixed
 # space too, VLLM_CPU_KVCACHE_SPACE); a GPU pool is sized from free device memory instead.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+# Below this a shared prefix saves too little compute to be worth making its members wait a step
+# (engine/planner.py).
+MIN_SHARED_PREFIX_LEN = 64
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: torch.device) -> torch.dtype:

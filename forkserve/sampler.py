@@ -142,7 +142,7 @@ def _is_plain(row: SamplingRow) -> bool:
 
 # Rows the general path draws at once: its [rows, vocab] temporaries (fp32 copies, the top-p
 # sort and its int64 order, penalty counts, seeded hashes) stay a few hundred MB however many
-# rows a step samples, so the KV pool's sizing (engine/memory.py) need not leave gigabytes for them.
+# rows a step samples, so the KV pool's sizing (worker/memory.py) need not leave gigabytes for them.
 # Below 128 rows torch.sort (CUDA) sorts all rows as one array keyed by row, with scratch that
 # grows with the rows; at 128 or more it switches method. Chunks below 128 rows keep one method,
 # so a full chunk is the general path's worst case, which the sizing's profile step runs.

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import flashinfer
 import torch
 
-from forkserve.attention.cascade import LEVEL_TILE_TOKENS
+from forkserve.kernels import LEVEL_TILE_TOKENS
 from forkserve.kernels import shared_level as sl
 
 DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
@@ -301,7 +301,7 @@ def gemm_sizes() -> None:
 
 def gemm_curve() -> None:
     """A layer's four GEMMs at every decode graph size: not monotone in rows (cuBLAS's choice)."""
-    from forkserve.cuda_graphs import graph_batch_sizes
+    from forkserve.worker.cuda_graphs import graph_batch_sizes
     weights = layer_weights()
     line = [f"{rows}:{layer_gemm_ms(rows, weights, 20) * 1e3:.0f}" for rows in graph_batch_sizes(1024)]
     print("gemm curve (rows:us per layer) " + " ".join(line), flush=True)

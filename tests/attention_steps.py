@@ -5,9 +5,12 @@ import random
 
 import torch
 
+import numpy as np
+
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import path_order
+from forkserve.attention.cascade import CascadePlan, plan_cascade
 from forkserve.engine.pages import PagePool
+from forkserve.engine.sharing import CascadeRule, find_sharing, path_order
 from forkserve.engine.tree import PrefixTree, TreeNode
 
 
@@ -26,6 +29,16 @@ def step_metadata(page_tables: list[list[int]], context_lens: list[int], query_l
         kv_indices=torch.tensor(indices, dtype=torch.int32),
         kv_last_page_len=torch.tensor([(c - 1) % page_size + 1 for c in context_lens], dtype=torch.int32),
         context_lens=list(context_lens), slot_mapping=torch.tensor(slots, device=device), page_size=page_size)
+
+
+def plan_from_paths(paths: list[list[TreeNode]], kv_indptr: np.ndarray, kv_indices: np.ndarray,
+                    query_start: np.ndarray, page_size: int, scratch_page: int, device: torch.device,
+                    rule: CascadeRule) -> CascadePlan | None:
+    """A step's cascade plan from its rows' tree paths: the core's sharing, then the worker's levels."""
+    sharing = find_sharing(paths, page_size, rule)
+    if sharing is None:
+        return None
+    return plan_cascade(sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page, device)
 
 
 def shared_prefix_step(rng: random.Random, depth: int, fanout: int, copies: int, max_run_pages: int, max_tail: int,

@@ -138,8 +138,8 @@ def test_half_precision_matches_hf_in_the_same_dtype(llama_dir: Path, dtype: tor
     still checks all of them."""
     model_dir = str(llama_dir)
     llm = cpu_llm(model_dir, dtype=str(dtype).removeprefix("torch."))
-    assert llm.engine.kv_cache.k.dtype == dtype
-    assert all(p.dtype == dtype for p in llm.engine.model.parameters())
+    assert llm.engine.worker.kv_cache.k.dtype == dtype
+    assert all(p.dtype == dtype for p in llm.engine.worker.model.parameters())
     batch = prompts(llm.engine.model_config.vocab_size)
     outs = llm.generate([{"prompt_token_ids": p} for p in batch],
                         SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=5), use_tqdm=False)

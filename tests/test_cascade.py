@@ -8,15 +8,16 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from attention_steps import shared_prefix_step, step_metadata
+from attention_steps import plan_from_paths, shared_prefix_step, step_metadata
 from cpu_llm import cpu_llm
 from forkserve import SamplingParams
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import (LEVEL_TILE_TOKENS, CascadePlan, CascadePlanner, CascadeRule, path_order,
-                                        plan_cascade)
+from forkserve.attention.cascade import LEVEL_TILE_TOKENS, CascadePlan, CascadePlanner
 from forkserve.attention.reference import ReferenceBackend
-from forkserve.engine.pages import KVCache, PagePool
+from forkserve.engine.pages import PagePool
+from forkserve.engine.sharing import BatchSharing, CascadeRule, path_order
 from forkserve.engine.tree import PrefixTree
+from forkserve.worker.kv_cache import KVCache
 
 PAGE = 4
 NUM_PAGES = 1024
@@ -24,7 +25,7 @@ SCRATCH = NUM_PAGES  # KVCache(NUM_PAGES, ...).scratch_page
 
 
 def plan_for(meta: AttentionMetadata, paths, rule: CascadeRule) -> CascadePlan | None:
-    return plan_cascade(paths, meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(),
+    return plan_from_paths(paths, meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(),
                         meta.page_size, SCRATCH, torch.device("cpu"), rule)
 
 
@@ -177,7 +178,7 @@ def plan_arrays(plan: CascadePlan) -> list[list[int]]:
 
 def test_planner_reuses_what_the_nodes_determine_and_replans_when_they_change() -> None:
     """Decode steps that only grow own pages reuse the levels; a new node in the batch re-plans.
-    Each plan equals plan_cascade's for the same step."""
+    Each plan equals plan_from_paths' for the same step."""
     rule, cpu = CascadeRule(1, 1, max_levels=4), torch.device("cpu")
     tree = PrefixTree(PagePool(512, PAGE))
     system, docs = [1] * 2 * PAGE, [[2 + d] * 3 * PAGE for d in range(2)]
@@ -189,14 +190,15 @@ def test_planner_reuses_what_the_nodes_determine_and_replans_when_they_change() 
             tree.publish(kv, system + docs[d])
             kvs.append(kv)
             lens.append(len(system + docs[d]) + 1)
-    planner = CascadePlanner(rule)
+    sharing, planner = BatchSharing(rule, PAGE), CascadePlanner()
 
     def step() -> tuple[CascadePlan, CascadePlan]:
         meta = step_metadata([list(kv.page_table()) for kv in kvs], lens, [1] * len(kvs), PAGE, cpu)
         args = (meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(), PAGE, SCRATCH, cpu)
         nodes = [kv.node for kv in kvs]
-        assert planner.order(nodes) == path_order([node.path() for node in nodes])
-        return planner.plan(nodes, *args), plan_cascade([node.path() for node in nodes], *args, rule)
+        assert sharing.order(nodes) == path_order([node.path() for node in nodes])
+        return planner.plan(*sharing.sharing(nodes), *args), plan_from_paths([node.path() for node in nodes], *args,
+                                                                             rule)
 
     first, expected = step()
     assert first is not None and plan_arrays(first) == plan_arrays(expected)
@@ -232,7 +234,7 @@ def test_generation_unchanged_with_cascade(tiny_model_factory, family: str) -> N
     for cascade in (False, True):
         llm = cpu_llm(model, disable_cascade_attn=not cascade, max_num_batched_tokens=64)
         if cascade:
-            llm.engine.runner.cascade = CascadePlanner(CascadeRule(1, 1))  # the tiny prompts are far below the real rule
+            llm.engine.steps.sharing.rule = CascadeRule(1, 1)  # the tiny prompts are far below the real rule
         outputs[cascade] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
         stats[cascade] = llm.engine.stats()
     assert outputs[True] == outputs[False]

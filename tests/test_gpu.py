@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
-from attention_steps import shared_prefix_step, step_metadata
+from attention_steps import plan_from_paths, shared_prefix_step, step_metadata
 from forkserve import LLM, SamplingParams
 from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import CascadePlanner, CascadeRule, plan_cascade
 from forkserve.attention.reference import ReferenceBackend
-from forkserve.engine.pages import KVCache
+from forkserve.engine.sharing import CascadeRule
+from forkserve.worker.kv_cache import KVCache
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -84,7 +84,7 @@ def test_flashinfer_cascade_matches_plain_reference(step: str) -> None:
         meta, paths = shared_prefix_step(rng, rng.randint(1, 4), fanout=3, copies=5, max_run_pages=12, max_tail=70,
                                          decode=step == "decode", page_size=ps, num_pages=num_pages, device=device,
                                          sort=rng.random() < 0.5, mixed=step == "mixed")
-        plan = plan_cascade(paths, meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(), ps,
+        plan = plan_from_paths(paths, meta.kv_indptr.numpy(), meta.kv_indices.numpy(), meta.query_start.numpy(), ps,
                             num_pages, device, CascadeRule(1, 1, max_levels=4))
         if plan is None:
             continue
@@ -231,7 +231,7 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
     common = dict(device="cuda", dtype="float16", max_model_len=512, num_gpu_blocks_override=512, max_num_seqs=16)
     llm = LLM(model, **common)
-    graphs = llm.engine.runner.graphs
+    graphs = llm.engine.worker.runner.graphs
     if tensor_cores:
         graphs.cuda_core_max_pages = 0
     replayed_levels: list[int] = []
@@ -245,7 +245,7 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
 
     graphs.run = recording_replay
     if cascade:
-        llm.engine.runner.cascade = CascadePlanner(CascadeRule(1, 1))  # tiny prompts are far below the real rule
+        llm.engine.steps.sharing.rule = CascadeRule(1, 1)  # tiny prompts are far below the real rule
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert (llm.engine.stats()["cascade_steps"] > 0) == cascade
     assert (max(replayed_levels) > 0) == cascade, "decode steps with shared levels never replayed a graph"
@@ -289,7 +289,7 @@ def test_start_up_leaves_little_memory_cached(wide_vocab_model: str) -> None:
     llm = LLM(wide_vocab_model, **WIDE)
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     assert cached < 256 << 20, f"{cached / 2**20:.0f} MiB cached but unused after start-up"
-    assert llm.engine.step_memory is not None and llm.engine.step_memory.eager_peak > 0
+    assert llm.engine.worker.step_memory is not None and llm.engine.worker.step_memory.eager_peak > 0
 
 
 def test_profiled_step_peak_covers_every_step(wide_vocab_model: str) -> None:
@@ -309,5 +309,5 @@ def test_profiled_step_peak_covers_every_step(wide_vocab_model: str) -> None:
     before = torch.cuda.memory_allocated()
     llm.generate(prompts, general, use_tqdm=False)
     rise = torch.cuda.max_memory_allocated() - before
-    assert rise <= llm.engine.step_memory.eager_peak, \
-        f"steps rose {rise / 2**20:.0f} MiB, the profile measured {llm.engine.step_memory.eager_peak / 2**20:.0f}"
+    assert rise <= llm.engine.worker.step_memory.eager_peak, \
+        f"steps rose {rise / 2**20:.0f} MiB, the profile measured {llm.engine.worker.step_memory.eager_peak / 2**20:.0f}"

@@ -17,7 +17,7 @@ def test_logits_for_padded_row_counts_are_the_rows_asked_for(tiny_model_factory)
     prompts = [{"prompt_token_ids": [random.Random(i).randrange(3, 200) for _ in range(5 + 7 * i)]} for i in range(5)]
     params = SamplingParams(temperature=0.8, max_tokens=12, logprobs=3, seed=7)
     plain = llm.generate(prompts, params, use_tqdm=False)
-    runner = llm.engine.runner
+    runner = llm.engine.worker.runner
     runner.logits_sizes = [2, 8, 16]
     padded = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in padded] == [o.outputs[0].token_ids for o in plain]

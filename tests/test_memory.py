@@ -1,10 +1,10 @@
-"""The KV pool's sizing arithmetic (engine/memory.py), with the device's memory figures faked."""
+"""The KV pool's sizing arithmetic (worker/memory.py), with the device's memory figures faked."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from forkserve.engine.memory import kv_pool_bytes
+from forkserve.worker.memory import kv_pool_bytes
 
 GIB = 1 << 30
 

@@ -1,18 +1,11 @@
 """Shared-prefix (cascade) attention plans: read each shared prefix once per step for all its queries.
 
-For one step, the prefix tree says which of the step's sequences share which KV: a tree node on
-the paths of c of them is shared c ways. A *segment* is a run of consecutive nodes on a path
-shared by the same sequences. A segment worth a pass of its own (`CascadeRule`) becomes a group
-at its *depth* (how many such segments lie above it): all queries of all sequences under it
-attend to its pages in one batched, non-causal pass (Hydragen; the shared KV precedes every
-query). All groups of one depth form one kernel call, a *level*. What is left of each sequence
-(its own tail, plus any shared run too small to pay for a pass) is the last level, attended
-causally as plain attention would. Every level returns partial outputs with their log-sum-exp,
-and `merge_partials` combines them exactly.
-
-Depths nest like the tree: system prompt -> document -> question -> samples. A segment that
-fails the rule folds into the next kept one below it on every path through it, so each
-sequence's pages are still read exactly once.
+The core says which of a step's rows share which leading pages (a `Sharing`, from the prefix
+tree: engine/sharing.py). Each kept depth of sharing is a *level*: all queries of all rows of
+one group attend to the group's pages in one batched, non-causal pass (Hydragen; the shared KV
+precedes every query). What is left of each row (its own tail, plus any shared run too small to
+pay for a pass) is attended causally as plain attention would. Every level returns partial
+outputs with their log-sum-exp, and `merge_partials` combines them exactly.
 
 A level is laid out for FlashInfer's ragged kernels (prefill steps on the GPU) and the reference
 backend as a tiling of the step's whole flat batch into ragged requests: each run of consecutive
@@ -20,34 +13,17 @@ tokens of one group is a request over the group's pages, and each run of tokens 
 that level is a *filler* request over the scratch page, left out of the merge (`member`). Decode
 steps on the GPU take the same levels as `LevelWork`: the groups' runs cut into work items of at
 most LEVEL_TILE_TOKENS tokens, all levels in one list, no fillers.
-Sequences that share are adjacent when the batch is sorted by tree path (`path_order`), which
-keeps a group to one request; any order is still correct.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from forkserve.engine.tree import TreeNode
+from forkserve.kernels import LEVEL_TILE_TOKENS
 from forkserve.transfer import to_device
-
-
-@dataclass(frozen=True)
-class CascadeRule:
-    """When sharing is worth a pass of its own (in tokens of KV not re-read, per layer and step).
-
-    A pass costs a kernel launch and a merge over the batch, so a short prefix shared by two
-    sequences is left to plain attention. A level (one kernel call per layer) must save enough
-    in all to pay for its launches; at most max_levels depths are kept (the CUDA graphs are
-    captured for up to that many), the ones that save most.
-    """
-
-    min_segment_tokens_saved: int = 1024  # (sharers - 1) x segment tokens
-    min_level_tokens_saved: int = 16384  # summed over the level's groups
-    max_levels: int = 2
+from forkserve.worker.plan import Sharing
 
 
 @dataclass
@@ -67,9 +43,6 @@ class CascadeLevel:
     @property
     def num_requests(self) -> int:
         return self.qo_indptr.shape[0] - 1
-
-
-LEVEL_TILE_TOKENS = 32  # query tokens per work item of the GPU's shared-level kernel
 
 
 @dataclass
@@ -96,117 +69,23 @@ class CascadePlan:
     pages_listed: int  # pages one layer reads with plain attention (each sequence all of its own)
 
 
-@dataclass
-class _Group:
-    """A segment kept as a pass: its page range on every member's table, and the members' rows."""
-
-    start_page: int
-    end_page: int
-    seqs: list[int]
-
-
-@dataclass
-class Sharing:
-    """Which of a batch's rows share which pages, as plans use it: per kept depth its groups, and
-    per row the page its own part starts at. It depends only on the rows' tree paths."""
-
-    levels: list[list[_Group]]
-    cuts: np.ndarray  # [B] int64
-
-
-def path_order(paths: Sequence[list[TreeNode]]) -> list[int]:
-    """Indices that sort sequences by tree path, so that all sequences under a node are adjacent."""
-    keys = [tuple(map(id, path)) for path in paths]
-    return sorted(range(len(paths)), key=keys.__getitem__)
-
-
-def plan_cascade(paths: Sequence[list[TreeNode]], kv_indptr: np.ndarray, kv_indices: np.ndarray,
-                 query_start: np.ndarray, page_size: int, scratch_page: int, device: torch.device,
-                 rule: CascadeRule) -> CascadePlan | None:
-    """The step's levels, or None when no sharing is worth a pass (then plain attention runs).
-
-    paths[b] is sequence b's path in the tree (`TreeNode.path()`): computed, page-aligned KV that
-    its page table kv_indices[kv_indptr[b]:kv_indptr[b+1]] starts with.
-    """
-    sharing = find_sharing(paths, page_size, rule)
-    if sharing is None:
-        return None
+def plan_cascade(sharing: Sharing, kv_indptr: np.ndarray, kv_indices: np.ndarray, query_start: np.ndarray,
+                 page_size: int, scratch_page: int, device: torch.device) -> CascadePlan:
+    """The step's levels from its sharing; row b's page table is kv_indices[kv_indptr[b]:kv_indptr[b+1]]."""
     levels = _build_levels(sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page, device)
     return _with_own_pages(levels, level_work(levels, int(query_start[-1])), sharing, kv_indptr, kv_indices)
-
-
-def find_sharing(paths: Sequence[list[TreeNode]], page_size: int, rule: CascadeRule) -> Sharing | None:
-    """The groups of each depth the rule keeps, or None when no sharing is worth a pass."""
-    sharers: dict[TreeNode, int] = {}
-    for path in paths:
-        for node in path:
-            sharers[node] = sharers.get(node, 0) + 1
-    # Candidate segments per sequence, top down: (end node, end page, sharers). Counts only fall
-    # along a path, so the first node shared by fewer than two ends the candidates.
-    candidates: list[list[tuple[TreeNode, int, int]]] = []
-    for path in paths:
-        row: list[tuple[TreeNode, int, int]] = []
-        start, i = 0, 0
-        while i < len(path) and sharers[path[i]] >= 2:
-            count = sharers[path[i]]
-            while i + 1 < len(path) and sharers[path[i + 1]] == count:
-                i += 1
-            end = path[i].end // page_size
-            if (count - 1) * (end - start) * page_size >= rule.min_segment_tokens_saved:
-                row.append((path[i], end, count))
-                start = end
-            i += 1
-        candidates.append(row)
-    kept_depths = _depths_worth_a_level(candidates, page_size, rule)
-    if not kept_depths:
-        return None
-    levels: list[dict[TreeNode, _Group]] = [{} for _ in kept_depths]
-    cuts = np.zeros(len(paths), dtype=np.int64)
-    for b, row in enumerate(candidates):
-        start = 0
-        for level, depth in enumerate(kept_depths):
-            if depth >= len(row):
-                break
-            node, end, _ = row[depth]
-            group = levels[level].get(node)
-            if group is None:
-                group = levels[level][node] = _Group(start, end, [])
-            group.seqs.append(b)
-            start = end
-        cuts[b] = start
-    return Sharing([list(groups.values()) for groups in levels], cuts)
-
-
-def _depths_worth_a_level(candidates: list[list[tuple[TreeNode, int, int]]], page_size: int,
-                          rule: CascadeRule) -> list[int]:
-    """Depths whose groups together save enough (the max_levels that save most); the others
-    fold into the depths below them."""
-    saved: dict[int, int] = {}
-    seen: set[TreeNode] = set()
-    for row in candidates:
-        start = 0
-        for depth, (node, end, count) in enumerate(row):
-            if node not in seen:
-                seen.add(node)
-                saved[depth] = saved.get(depth, 0) + (count - 1) * (end - start) * page_size
-            start = end
-    worth = [d for d, tokens in saved.items() if tokens >= rule.min_level_tokens_saved]
-    return sorted(sorted(worth, key=lambda d: -saved[d])[:rule.max_levels])
 
 
 def _build_levels(sharing: Sharing, kv_indptr: np.ndarray, kv_indices: np.ndarray, query_start: np.ndarray,
                   page_size: int, scratch_page: int, device: torch.device) -> list[CascadeLevel]:
     """Each level's tiling of the batch; every level's member mask reaches the device in one copy."""
-    num_seqs = len(sharing.cuts)
     query_lens = np.diff(query_start)
     host_levels, members, groups = [], [], []
-    for level_groups in sharing.levels:
-        group_of_seq = np.full(num_seqs, -1, dtype=np.int64)
+    for group_of_seq, level_groups in zip(sharing.group_of_row, sharing.groups):
         group_pages = []
-        for g, group in enumerate(level_groups):
-            group_of_seq[group.seqs] = g
-            first = kv_indptr[group.seqs[0]]
-            group_pages.append(kv_indices[first + group.start_page:first + group.end_page])
+        for start_page, end_page, first_row in level_groups.tolist():
+            first = kv_indptr[first_row]
+            group_pages.append(kv_indices[first + start_page:first + end_page])
         run_starts = np.flatnonzero(np.diff(group_of_seq, prepend=-2) != 0)  # first sequence of each request
         run_group = group_of_seq[run_starts]
         pages = [group_pages[g] if g >= 0 else np.array([scratch_page], dtype=np.int32) for g in run_group]
@@ -254,54 +133,34 @@ def _with_own_pages(levels: list[CascadeLevel], work: LevelWork, sharing: Sharin
     own = kv_indices[position >= np.repeat(cuts, num_pages)]
     own_indptr = np.zeros(len(cuts) + 1, dtype=np.int32)
     np.cumsum(num_pages - cuts, out=own_indptr[1:])
-    pages_read = sum(group.end_page - group.start_page for groups in sharing.levels for group in groups) + len(own)
+    pages_read = sharing.shared_pages + len(own)
     return CascadePlan(levels, work, torch.from_numpy(own_indptr), torch.from_numpy(np.ascontiguousarray(own)),
                        pages_read, len(kv_indices))
 
 
 class CascadePlanner:
-    """Each step's batch order and cascade plan, reusing what the batch's tree nodes determine.
+    """Each step's cascade plan, reusing the levels while the step's sharing and query lengths
+    stay the same (every decode step between a sequence joining or leaving): the shared pages'
+    tables and member masks are then unchanged, and only each row's own pages are rebuilt. The
+    core gives a sharing a new key whenever it changes (engine/sharing.BatchSharing)."""
 
-    Through decode a batch keeps its sequences and they keep their tree nodes (only their own
-    pages grow) for many steps, and walking a thousand tree paths a step costs milliseconds of
-    host time. So the path order, the sharing, and the levels (the shared pages' tables and
-    member masks) are kept while the nodes, in order, and the query lengths stay the same; only
-    each row's own pages are rebuilt. Node identity is a sufficient key: a node's pages never
-    change, and a split of a node on a row's path inserts its head above it for every row that
-    passes through, so the sharing among the rows is the same.
-    """
-
-    def __init__(self, rule: CascadeRule) -> None:
-        self.rule = rule
-        self._order_nodes: list[TreeNode] = []
-        self._order: list[int] = []
-        self._plan_nodes: list[TreeNode] = []
-        self._sharing: Sharing | None = None
+    def __init__(self) -> None:
+        self._sharing_key = -1
         self._query_lens: np.ndarray | None = None
         self._levels: list[CascadeLevel] = []
         self._work: LevelWork | None = None
 
-    def order(self, nodes: list[TreeNode]) -> list[int]:
-        """Rows of a scheduled batch (given by each row's tree node) in path order (`path_order`)."""
-        if nodes != self._order_nodes:
-            self._order_nodes, self._order = nodes, path_order([node.path() for node in nodes])
-        return self._order
-
-    def plan(self, nodes: list[TreeNode], kv_indptr: np.ndarray, kv_indices: np.ndarray, query_start: np.ndarray,
-             page_size: int, scratch_page: int, device: torch.device) -> CascadePlan | None:
-        """`plan_cascade` for rows whose tree nodes are `nodes`."""
-        if nodes != self._plan_nodes:
-            self._plan_nodes, self._query_lens = nodes, None
-            self._sharing = find_sharing([node.path() for node in nodes], page_size, self.rule)
-        if self._sharing is None:
-            return None
+    def plan(self, sharing_key: int, sharing: Sharing, kv_indptr: np.ndarray, kv_indices: np.ndarray,
+             query_start: np.ndarray, page_size: int, scratch_page: int, device: torch.device) -> CascadePlan:
+        """`plan_cascade` for a sharing known by its key."""
         query_lens = np.diff(query_start)
-        if self._query_lens is None or not np.array_equal(query_lens, self._query_lens):
-            self._query_lens = query_lens
-            self._levels = _build_levels(self._sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page,
+        if sharing_key != self._sharing_key or self._query_lens is None or \
+                not np.array_equal(query_lens, self._query_lens):
+            self._sharing_key, self._query_lens = sharing_key, query_lens
+            self._levels = _build_levels(sharing, kv_indptr, kv_indices, query_start, page_size, scratch_page,
                                          device)
             self._work = level_work(self._levels, int(query_start[-1]))
-        return _with_own_pages(self._levels, self._work, self._sharing, kv_indptr, kv_indices)
+        return _with_own_pages(self._levels, self._work, sharing, kv_indptr, kv_indices)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor,

@@ -3,7 +3,7 @@
 A step is planned once (on host tensors, so planning never waits for the GPU) and every layer
 reuses the plan. Pure decode steps use the decode kernel (tensor cores for grouped-query heads);
 steps with prefill chunks use the ragged-query prefill kernel over paged KV. Decode wrappers
-bound to fixed buffers serve the CUDA graphs (see forkserve/cuda_graphs.py).
+bound to fixed buffers serve the CUDA graphs (see forkserve/worker/cuda_graphs.py).
 
 A step with a cascade plan (forkserve/attention/cascade.py) runs the same kernel over each
 sequence's own pages with the log-sum-exp returned, then its shared levels. Decode steps run all
@@ -24,7 +24,7 @@ import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata, write_kv
 from forkserve.attention.cascade import LevelWork
-from forkserve.engine.pages import KVCache
+from forkserve.worker.kv_cache import KVCache
 from forkserve.kernels import gpu_kernels
 from forkserve.transfer import fill_from_host, to_device
 

@@ -7,7 +7,7 @@ import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata, write_kv
 from forkserve.attention.cascade import CascadePlan, merge_partials
-from forkserve.engine.pages import KVCache
+from forkserve.worker.kv_cache import KVCache
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

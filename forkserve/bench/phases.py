@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import forkserve.runner as runner_module
+import forkserve.worker.runner as runner_module
 from forkserve.api import LLM, out_of_the_collectors_sight, planning_a_batch
 from forkserve.attention.cascade import CascadePlanner
 from forkserve.attention.flashinfer import FlashInferBackend
@@ -40,17 +40,19 @@ from forkserve.bench.profile import device_spans, idle_between_kernels, idle_per
 from forkserve.bench.run import model_dir_from_config
 from forkserve.bench.worker import warm_up_workloads
 from forkserve.bench.workloads import build
-from forkserve.cuda_graphs import DecodeGraphs
 from forkserve.engine.engine import Engine
 from forkserve.engine.scheduler import Scheduler
+from forkserve.engine.sharing import BatchSharing
+from forkserve.engine.step_builder import StepBuilder
 from forkserve.model.llama import LlamaForCausalLM
-from forkserve.runner import ModelRunner
 from forkserve.sampler import Draws, Sampler
 from forkserve.sampling_params import SamplingParams
+from forkserve.worker.cuda_graphs import DecodeGraphs
+from forkserve.worker.runner import ModelRunner
 
 PHASES: list[tuple[object, str]] = [
-    (Scheduler, "schedule"), (CascadePlanner, "order"), (ModelRunner, "launch"), (runner_module, "build_metadata"),
-    (CascadePlanner, "plan"), (FlashInferBackend, "prepare"), (FlashInferBackend, "_staged_plan"),
+    (Scheduler, "schedule"), (BatchSharing, "order"), (StepBuilder, "build"), (BatchSharing, "sharing"),
+    (ModelRunner, "launch"), (runner_module, "build_metadata"), (CascadePlanner, "plan"), (FlashInferBackend, "prepare"), (FlashInferBackend, "_staged_plan"),
     (LlamaForCausalLM, "forward"), (LlamaForCausalLM, "compute_logits"), (DecodeGraphs, "run"), (Sampler, "draw"),
     (Draws, "copy_to_host"), (Draws, "to_host"), (runner_module, "to_device"), (Engine, "_resolve"),
     (Engine, "_advance"),

@@ -28,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from forkserve.api import LLM
-from forkserve.attention.cascade import CascadePlanner, CascadeRule
+from forkserve.engine.sharing import BatchSharing, CascadeRule
 from forkserve.bench.run import model_dir_from_config
 from forkserve.sampling_params import SamplingParams
 
@@ -133,7 +133,7 @@ def profile_decode(llm: LLM, batch: int, context: int, steps: int, temperature: 
     for _ in range(steps):  # warm-up decode steps
         engine.step()
     torch.cuda.synchronize()
-    runner = engine.runner
+    runner = engine.worker.runner
     read, listed = runner.kv_pages_read, runner.kv_pages_listed
     walls = []
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -197,7 +197,8 @@ def main() -> None:
     for context in (int(c) for c in args.context.split(",")):
         for batch in batches:
             for cascade in args.cascade.split(","):
-                llm.engine.runner.cascade = CascadePlanner(CascadeRule()) if cascade == "on" else None
+                llm.engine.steps.sharing = BatchSharing(CascadeRule(), llm.engine.config.block_size) \
+                    if cascade == "on" else None
                 row = profile_decode(llm, batch, context, args.steps, args.temperature, args.shared, args.group,
                                      args.host_profile)
                 row["cascade"] = cascade

@@ -8,27 +8,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
 
-import torch
-
-from forkserve.attention.base import AttentionBackend
-from forkserve.attention.cascade import CascadePlanner, CascadeRule
-from forkserve.attention.flashinfer import FlashInferBackend
-from forkserve.attention.reference import ReferenceBackend
-from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device,
-                              resolve_dtype)
-from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws, fork_kv
-from forkserve.engine.memory import StepMemory, kv_pool_bytes, profile_step_memory
-from forkserve.engine.pages import KVCache, PagePool
+from forkserve.config import EngineConfig
+from forkserve.engine.forks import fork_kv
+from forkserve.engine.pages import PagePool
 from forkserve.engine.scheduler import ScheduledSeq, Scheduler
 from forkserve.engine.sequence import Request, Sequence, SequenceStatus
+from forkserve.engine.sharing import CascadeRule
+from forkserve.engine.step_builder import StepBuilder
 from forkserve.engine.tree import PrefixTree
-from forkserve.model.config import ModelConfig
-from forkserve.model.loader import load_model
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
-from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
-from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
 from forkserve.sampling_params import SamplingParams
+from forkserve.worker.plan import PLACEHOLDER, DrawRequest, SamplerOutput, SamplingRow, StepResult
+from forkserve.worker.worker import LaunchedStep, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +45,17 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self.model_config = ModelConfig.from_dir(config.model)
-        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        if self.max_model_len > self.model_config.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {self.model_config.max_position_embeddings}")
+        cascade_rule = None if config.disable_cascade_attn else CascadeRule()
+        self.worker = Worker(config, cascade_rule.max_levels if cascade_rule is not None else 0)
+        self.model_config = self.worker.model_config
+        self.max_model_len = self.worker.max_model_len
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer or config.model)
-        self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format)
-        self.cascade_rule = None if config.disable_cascade_attn else CascadeRule()
-        self.step_memory: StepMemory | None = None  # the profile steps' peaks, where they sized the pool
-        backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
-        sampler = Sampler(config.seed, self.device)
-        self.kv_cache = self._make_kv_cache(sampler)
-        self.pool = PagePool(self.kv_cache.num_pages, config.block_size)
-        self.tree = PrefixTree(self.pool, self.kv_cache.copy_pages, config.enable_prefix_caching)
+        self.steps = StepBuilder(config.block_size, cascade_rule)
+        self.pool = PagePool(self.worker.num_pages, config.block_size)
+        self.tree = PrefixTree(self.pool, self.steps.page_copies, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, ForkingSampler(sampler, config.max_num_seqs),
-                                  self.device, self._make_graphs(backend),
-                                  None if self.cascade_rule is None else CascadePlanner(self.cascade_rule),
-                                  self._logits_sizes())
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
@@ -85,79 +64,8 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(self.tokenizer.eos_token_id)
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
-                    config.model, self.device, self.dtype, self.pool.num_pages, config.block_size,
+                    config.model, self.worker.device, self.worker.dtype, self.pool.num_pages, config.block_size,
                     self.max_model_len)
-
-    # ----------------------------------------------------------------------------- set-up
-    def _make_kv_cache(self, sampler: Sampler) -> KVCache:
-        mc, cfg = self.model_config, self.config
-        page_bytes = KVCache.bytes_per_page(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, self.dtype)
-        if cfg.num_gpu_blocks_override is not None:
-            num_pages = cfg.num_gpu_blocks_override
-        elif cfg.kv_cache_memory_bytes is not None:
-            num_pages = cfg.kv_cache_memory_bytes // page_bytes
-        elif self.device.type == "cuda":
-            num_pages = self._pool_bytes_left(sampler) // page_bytes - 1  # less the scratch page
-        else:
-            num_pages = DEFAULT_CPU_KV_CACHE_BYTES // page_bytes
-        if num_pages * cfg.block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV pool ({num_pages} pages of {cfg.block_size} tokens) cannot hold one sequence of "
-                f"max_model_len={self.max_model_len} tokens: lower max_model_len or give the pool more pages")
-        return KVCache(num_pages, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                       self.dtype, self.device)
-
-    def _pool_bytes_left(self, sampler: Sampler) -> int:
-        """What gpu_memory_utilization leaves for the pool once the largest step's measured peak
-        and the decode graphs' memory are set aside (engine/memory.py)."""
-        mc, cfg = self.model_config, self.config
-        steps = self.step_memory = profile_step_memory(self.model, sampler, cfg.max_num_batched_tokens,
-                                                       cfg.max_num_seqs, cfg.max_logprobs, self.max_model_len,
-                                                       self._max_pages_per_seq, self.device)
-        graphs = 0
-        if self._uses_graphs():
-            graphs = steps.graph_peak + DecodeGraphs.reserved_bytes(cfg.max_num_seqs, self._max_pages_per_seq,
-                                                                    self._max_levels, mc.num_heads, mc.head_dim)
-        return kv_pool_bytes(self.device, cfg.gpu_memory_utilization, steps.eager_peak, graphs)
-
-    def _make_backend(self) -> AttentionBackend:
-        """FlashInfer on a GPU, the pure-torch reference elsewhere (or when asked for)."""
-        choice = self.config.attention_backend
-        if choice == "auto":
-            choice = "flashinfer" if self.device.type == "cuda" else "reference"
-        if choice == "reference":
-            return ReferenceBackend()
-        if self.device.type != "cuda":
-            raise ValueError(f"attention_backend={choice!r} needs a CUDA device, got {self.device}")
-        mc = self.model_config
-        return FlashInferBackend(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
-                                 self._max_levels)
-
-    def _make_graphs(self, backend: AttentionBackend) -> DecodeGraphs | None:
-        if not self._uses_graphs():
-            return None
-        assert isinstance(backend, FlashInferBackend)
-        return DecodeGraphs(self.model, self.kv_cache, backend, self.config.max_num_seqs, self._max_pages_per_seq,
-                            self.device, self._max_levels)
-
-    def _logits_sizes(self) -> list[int] | None:
-        """Row counts logits are computed for on a GPU (runner.py): the decode graphs' sizes, whose
-        padded hidden states then serve as they are."""
-        return graph_batch_sizes(self.config.max_num_seqs) if self.device.type == "cuda" else None
-
-    @property
-    def _max_levels(self) -> int:
-        """Shared-prefix levels a step attends to at most (0 with cascade attention off)."""
-        return self.cascade_rule.max_levels if self.cascade_rule is not None else 0
-
-    @property
-    def _max_pages_per_seq(self) -> int:
-        return -(-self.max_model_len // self.config.block_size)
-
-    def _uses_graphs(self) -> bool:
-        """Decode steps replay CUDA graphs with FlashInfer on a GPU, unless enforce_eager."""
-        return not self.config.enforce_eager and self.device.type == "cuda" and \
-            self.config.attention_backend != "reference"
 
     # ----------------------------------------------------------------------------- requests
     def make_prompt(self, prompt: object, label: str) -> PromptInput:
@@ -324,15 +232,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the outputs of requests that finished in it (or, with async
         scheduling, in the step before it, whose tokens are read once this one is queued)."""
-        batch = self.scheduler.schedule()
-        if self.runner.cascade is not None and len(batch) > 1:
-            # Sequences under one tree node adjacent: each shared group is one attention request
-            # (two in a step that also prefills, where its decoding members come first).
-            batch = [batch[i] for i in self.runner.cascade.order([item.seq.kv.node for item in batch])]
-        if any(item.num_new_tokens != 1 for item in batch):
-            # Single-token rows first (a stable sort): the GPU backend runs them through its decode
-            # kernel, as one run of rows, and only the others through the prefill kernel.
-            batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)
+        batch = self.steps.order(self.scheduler.schedule())
         samplers = [item.seq for item in batch if item.samples]
         finished: list[RequestOutput] = []
         had_in_flight = self._in_flight is not None
@@ -353,7 +253,7 @@ class Engine:
         if overlap:
             previous = self._in_flight
             rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
-            launched = self.runner.launch(batch, rows, previous.launched if previous else None)
+            launched = self.worker.launch(self.steps.build(batch, rows=rows), previous.launched if previous else None)
             self._advance(batch)
             max_model_len = self.max_model_len
             for row, seq in enumerate(samplers):
@@ -364,7 +264,7 @@ class Engine:
             self._in_flight = InFlightStep(samplers, launched)
             return finished + (self._resolve(previous) if previous else [])
         draws = [self._draw_request(seq) for seq in samplers]
-        result: StepDraws | None = self.runner.execute(batch, draws)
+        result: StepResult | None = self.worker.execute(self.steps.build(batch, draws=draws))
         self._advance(batch)
         if result is None:
             return finished
@@ -528,8 +428,7 @@ class Engine:
                     prefill_tokens_computed=c.prefill_tokens, decode_tokens=c.decode_tokens,
                     peak_pages_in_use=c.peak_pages, pages_in_use=self.pages_in_use, steps=c.steps,
                     preemptions=self.scheduler.num_preemptions, pins_dropped=planner.pins_dropped,
-                    kv_pages=self.pool.num_pages, cascade_steps=self.runner.cascade_steps,
-                    kv_pages_read=self.runner.kv_pages_read, kv_pages_listed=self.runner.kv_pages_listed)
+                    kv_pages=self.pool.num_pages, **self.worker.stats())
 
     def pages_in_use_series(self) -> list[int]:
         """Pages in use at the start of each of the last (up to 65,536) steps, oldest first."""

@@ -1,9 +1,7 @@
-"""The page pool (which page ids are free) and the KV tensors those ids index."""
+"""The page pool: which page ids are free (the KV tensors they index are the worker's, worker/kv_cache.py)."""
 from __future__ import annotations
 
 from typing import Iterable
-
-import torch
 
 
 class OutOfPages(RuntimeError):
@@ -44,33 +42,3 @@ class PagePool:
 
     def is_free(self, page: int) -> bool:
         return self._is_free[page]
-
-
-class KVCache:
-    """K and V for every layer: [num_layers, num_pages, page_size, num_kv_heads, head_dim] each.
-
-    One tensor per K and V (not one per layer) so that copy-on-write of a page is one indexed
-    copy over all layers, and a layer's view is the NHD paged layout attention kernels take.
-    One extra page past num_pages, `scratch_page`, belongs to no pool: padded rows of a
-    CUDA-graph batch write to and read from it.
-    """
-
-    def __init__(self, num_pages: int, page_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (num_layers, num_pages + 1, page_size, num_kv_heads, head_dim)
-        self.num_pages = num_pages
-        self.page_size = page_size
-        self.scratch_page = num_pages
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @staticmethod
-    def bytes_per_page(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * page_size * num_kv_heads * head_dim * element
-
-    def copy_pages(self, src: list[int], dst: list[int]) -> None:
-        src_t = torch.tensor(src, dtype=torch.long, device=self.k.device)
-        dst_t = torch.tensor(dst, dtype=torch.long, device=self.k.device)
-        self.k[:, dst_t] = self.k[:, src_t]
-        self.v[:, dst_t] = self.v[:, src_t]

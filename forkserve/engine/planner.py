@@ -26,13 +26,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from forkserve.config import MIN_SHARED_PREFIX_LEN
 from forkserve.engine.sequence import Sequence
 from forkserve.engine.tree import PrefixTree, TreeNode, common_prefix_len
 
 logger = logging.getLogger(__name__)
 
-# Below this a shared prefix saves too little compute to be worth making its members wait a step.
-MIN_SHARED_PREFIX_LEN = 64
 # A waiting sequence passed over for better cache matches this many steps goes first (no starvation).
 MAX_WAIT_STEPS = 256
 

@@ -22,7 +22,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from forkserve.engine.planner import MIN_SHARED_PREFIX_LEN, Planner
+from forkserve.config import MIN_SHARED_PREFIX_LEN
+from forkserve.engine.planner import Planner
 from forkserve.engine.sequence import Sequence, SequenceStatus
 from forkserve.engine.tree import PrefixTree
 

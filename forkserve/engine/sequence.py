@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from forkserve.engine.tree import SeqKV
 from forkserve.outputs import Logprob
-from forkserve.sampler import SamplingRow
+from forkserve.worker.plan import SamplingRow
 from forkserve.sampling_params import SamplingParams
 
 

@@ -7,6 +7,8 @@ from types import ModuleType
 
 import torch
 
+LEVEL_TILE_TOKENS = 32  # query tokens per work item of the shared-level kernel (shared_level.py)
+
 
 @functools.cache
 def _load(name: str) -> ModuleType | None:

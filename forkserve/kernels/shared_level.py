@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forkserve.attention.cascade import LEVEL_TILE_TOKENS
+from forkserve.kernels import LEVEL_TILE_TOKENS
 
 KEYS_PER_BLOCK = 64  # keys per inner iteration
 PROGRAMS_PER_KV_HEAD = 128  # a fixed grid (CUDA graphs); each program takes every this-many-th work item

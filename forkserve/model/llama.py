@@ -65,7 +65,7 @@ class DecoderLayer(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         """down(silu(gate) * up), at most MLP_CHUNK_TOKENS tokens at a time: on the 8B shape a
         16K-token step's gate/up activations would take 1.3 GiB at once, memory the KV pool's
-        sizing must leave free (engine/memory.py); GEMMs of 4K rows run at the same rate."""
+        sizing must leave free (worker/memory.py); GEMMs of 4K rows run at the same rate."""
         if x.shape[0] <= MLP_CHUNK_TOKENS:
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         out = torch.empty_like(x)

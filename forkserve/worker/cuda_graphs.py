@@ -21,7 +21,7 @@ import torch
 from forkserve.attention.base import AttentionMetadata
 from forkserve.attention.flashinfer import (CUDA_CORE_DECODE_MAX_PAGES, FLASHINFER_WRAPPER_BYTES, DecodeLevels,
                                             FlashInferBackend, decode_uses_tensor_cores, kv_token_counts)
-from forkserve.engine.pages import KVCache
+from forkserve.worker.kv_cache import KVCache
 from forkserve.model.llama import LlamaForCausalLM
 from forkserve.transfer import fill_from_host
 

@@ -1,7 +1,6 @@
-"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and samples."""
+"""Turns a step plan into tensors, runs the model over the paged KV cache, and samples."""
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,47 +8,31 @@ import torch
 
 from forkserve.attention.base import AttentionBackend, AttentionMetadata
 from forkserve.attention.cascade import CascadePlanner
-from forkserve.cuda_graphs import DecodeGraphs, padded_size
-from forkserve.engine.pages import KVCache
-from forkserve.engine.scheduler import ScheduledSeq
-from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws
 from forkserve.model.llama import LlamaForCausalLM
-from forkserve.sampler import Draws, SamplerOutput, SamplingRow
+from forkserve.sampler import Draws, SamplerOutput
 from forkserve.transfer import to_device
+from forkserve.worker.cuda_graphs import DecodeGraphs, padded_size
+from forkserve.worker.forking_sampler import ForkingSampler
+from forkserve.worker.kv_cache import KVCache
+from forkserve.worker.plan import StepPlan, StepResult
 
-PLACEHOLDER = -1  # token id of a draw still on the GPU; the next step reads it from there
 
-
-def build_metadata(batch: list[ScheduledSeq], kv_cache: KVCache, device: torch.device,
+def build_metadata(plan: StepPlan, kv_cache: KVCache, device: torch.device,
                    cascade: CascadePlanner | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Flat input ids and positions of the step's new tokens, plus where their KV lives.
 
-    The only per-sequence Python work is slicing C arrays; everything per token is numpy, and
-    ids, positions and slots reach the device in one copy. With a cascade planner, the sharing
-    among the batch's tree paths that its rule finds worth it becomes the step's cascade plan.
+    Everything per token is numpy, and ids, positions and slots reach the device in one copy.
+    With a cascade planner, the plan's sharing becomes the step's cascade plan.
     """
-    num_seqs, page_size = len(batch), kv_cache.page_size
-    input_ids: list[int] = []
-    kv_indices = array("i")
-    kv_indptr = np.zeros(num_seqs + 1, dtype=np.int32)
-    starts = np.empty(num_seqs, dtype=np.int64)
-    new_tokens = np.empty(num_seqs, dtype=np.int64)
-    for b, item in enumerate(batch):
-        seq, start = item.seq, item.seq.num_computed_tokens
-        end = start + item.num_new_tokens
-        input_ids.extend(seq.token_ids[start:end])
-        kv_indices.extend(seq.kv.page_table()[:-(-end // page_size)])
-        kv_indptr[b + 1] = len(kv_indices)
-        starts[b], new_tokens[b] = start, item.num_new_tokens
-    query_start = np.zeros(num_seqs + 1, dtype=np.int32)
-    np.cumsum(new_tokens, out=query_start[1:])
+    page_size, query_start, kv_indptr = kv_cache.page_size, plan.query_start, plan.kv_indptr
+    starts, new_tokens = plan.num_computed, np.diff(query_start)
     context_lens = starts + new_tokens
-    pages = np.frombuffer(kv_indices, dtype=np.int32)
-    row_of_token = np.repeat(np.arange(num_seqs), new_tokens)
-    positions = np.arange(len(input_ids)) - query_start[:-1][row_of_token] + starts[row_of_token]
+    pages = plan.kv_indices
+    row_of_token = np.repeat(np.arange(plan.num_rows), new_tokens)
+    positions = np.arange(len(plan.input_ids)) - query_start[:-1][row_of_token] + starts[row_of_token]
     slots = pages[kv_indptr[:-1][row_of_token] + positions // page_size].astype(np.int64) * page_size \
         + positions % page_size
-    on_device = to_device(np.stack([np.asarray(input_ids, dtype=np.int64), positions, slots]), device)
+    on_device = to_device(np.stack([plan.input_ids, positions, slots]), device)
     meta = AttentionMetadata(
         query_start=torch.from_numpy(query_start),
         kv_indptr=torch.from_numpy(kv_indptr),
@@ -59,8 +42,8 @@ def build_metadata(batch: list[ScheduledSeq], kv_cache: KVCache, device: torch.d
         slot_mapping=on_device[2],
         page_size=page_size,
     )
-    if cascade is not None and num_seqs > 1:
-        meta.cascade = cascade.plan([item.seq.kv.node for item in batch], kv_indptr, pages, query_start, page_size,
+    if cascade is not None and plan.sharing is not None:
+        meta.cascade = cascade.plan(plan.sharing_key, plan.sharing, kv_indptr, pages, query_start, page_size,
                                     kv_cache.scratch_page, device)
     return on_device[0], on_device[1], meta
 
@@ -98,34 +81,32 @@ class ModelRunner:
         self.cascade_steps = 0
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], draws: list[DrawRequest]) -> StepDraws | None:
-        """Run one step and wait for its draws; `draws` are, in batch order, those of the sequences that sample."""
-        logits = self._forward(batch, None)
-        return None if logits is None else self.sampler(logits, draws)
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run one step and wait for its draws (`plan.draws`, one per logits row)."""
+        logits = self._forward(plan, None)
+        return None if logits is None else self.sampler(logits, plan.draws)
 
     @torch.inference_mode()
-    def launch(self, batch: list[ScheduledSeq], rows: list[SamplingRow], previous: LaunchedStep | None) -> LaunchedStep:
-        """Queue one step of plain draws (one row per sampling sequence) without waiting for it.
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None) -> LaunchedStep:
+        """Queue one step of plain draws (`plan.rows`, one per logits row) without waiting for it.
 
-        A sequence whose last token is a PLACEHOLDER takes it from `previous` (row
-        `seq.pending_row`), on the device.
+        The plan's pending tokens are taken from `previous`'s draws, on the device.
         """
-        logits = self._forward(batch, previous)
+        logits = self._forward(plan, previous)
         assert logits is not None, "a launched step must sample"
-        draws = self.sampler.sampler.draw(logits, rows)
+        draws = self.sampler.sampler.draw(logits, plan.rows)
         return LaunchedStep(draws.tokens, draws.copy_to_host())
 
-    def _forward(self, batch: list[ScheduledSeq], previous: LaunchedStep | None) -> torch.Tensor | None:
-        """Logits at the last token of each sampling sequence (None if none samples)."""
-        input_ids, positions, meta = build_metadata(batch, self.kv_cache, self.device, self.cascade)
+    def _forward(self, plan: StepPlan, previous: LaunchedStep | None) -> torch.Tensor | None:
+        """Logits at each of the plan's logits rows (None if there are none)."""
+        if plan.page_copies is not None:
+            self.kv_cache.copy_pages(plan.page_copies)
+        input_ids, positions, meta = build_metadata(plan, self.kv_cache, self.device, self.cascade)
         self._count_kv_reads(meta)
-        query_ends = meta.query_start.tolist()[1:]
-        pending = [(query_ends[b] - 1, item.seq.pending_row) for b, item in enumerate(batch)
-                   if item.seq.token_ids[-1] == PLACEHOLDER]
-        if pending:
-            # The placeholder is the last token of its sequence, so always the last one this step computes.
+        if plan.pending:
+            # A placeholder is the last token of its sequence, so always the last one this step computes.
             assert previous is not None, "a placeholder token without the step that draws it"
-            index = to_device(pending, self.device, torch.long)
+            index = to_device(plan.pending, self.device, torch.long)
             input_ids.index_copy_(0, index[:, 0], previous.tokens[index[:, 1]])
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
@@ -136,8 +117,7 @@ class ModelRunner:
                 return self.backend.forward(layer, q, k, v, self.kv_cache, meta)
 
             hidden = self.model(input_ids, positions, attention)
-        last = [query_ends[b] - 1 for b, item in enumerate(batch) if item.samples]
-        return self._logits(hidden, last) if last else None
+        return self._logits(hidden, plan.logits_rows) if plan.logits_rows else None
 
     def _logits(self, hidden: torch.Tensor, last: list[int]) -> torch.Tensor:
         """Logits of hidden's rows `last` (increasing), computed for a row count padded up to one of

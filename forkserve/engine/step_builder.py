@@ -1,0 +1,88 @@
+"""A scheduled batch as the worker's `StepPlan`: the one place where sequences become flat arrays."""
+from __future__ import annotations
+
+from array import array
+
+import numpy as np
+
+from forkserve.engine.scheduler import ScheduledSeq
+from forkserve.engine.sharing import BatchSharing, CascadeRule
+from forkserve.worker.plan import PLACEHOLDER, DrawRequest, SamplingRow, StepPlan
+
+
+class PageCopies:
+    """Page copies the prefix tree asks for (forks' partly filled last pages), held until the next
+    step's plan carries them to the worker, which runs them before that step writes any KV. A
+    copied page cannot change in between: only a step writes KV."""
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[int, int]] = []
+
+    def __call__(self, src: list[int], dst: list[int]) -> None:
+        self._pairs.extend(zip(src, dst))
+
+    def take(self) -> np.ndarray | None:
+        """The copies queued so far ([N, 2] int32), or None; the queue is emptied."""
+        if not self._pairs:
+            return None
+        pairs, self._pairs = self._pairs, []
+        return np.array(pairs, dtype=np.int32)
+
+
+class StepBuilder:
+    """Orders a scheduled batch and turns it into a `StepPlan`.
+
+    With a cascade rule, rows under one tree node are made adjacent (each shared group is then
+    one attention request) and the plan carries the batch's sharing (engine/sharing.py).
+    """
+
+    def __init__(self, page_size: int, rule: CascadeRule | None) -> None:
+        self.page_size = page_size
+        self.sharing = None if rule is None else BatchSharing(rule, page_size)
+        self.page_copies = PageCopies()
+
+    def order(self, batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
+        """Rows by tree path (sequences that share adjacent); in a step that also prefills, its
+        single-token rows first (a stable sort): the GPU backend runs them through its decode
+        kernel, as one run of rows, and only the others through the prefill kernel."""
+        if self.sharing is not None and len(batch) > 1:
+            batch = [batch[i] for i in self.sharing.order([item.seq.kv.node for item in batch])]
+        if any(item.num_new_tokens != 1 for item in batch):
+            batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)
+        return batch
+
+    def build(self, batch: list[ScheduledSeq], draws: list[DrawRequest] | None = None,
+              rows: list[SamplingRow] | None = None) -> StepPlan:
+        """The plan of an ordered batch; `draws` (a synchronous step) or `rows` (a launched one)
+        are those of its sampling rows, in order.
+
+        The only per-row Python work is slicing C arrays; a sequence whose last token is a
+        PLACEHOLDER takes it from the previous step's draw row `seq.pending_row`.
+        """
+        num_rows, page_size = len(batch), self.page_size
+        input_ids: list[int] = []
+        kv_indices = array("i")
+        kv_indptr = np.zeros(num_rows + 1, dtype=np.int32)
+        starts = np.empty(num_rows, dtype=np.int64)
+        new_tokens = np.empty(num_rows, dtype=np.int64)
+        logits_rows: list[int] = []
+        pending: list[tuple[int, int]] = []
+        for b, item in enumerate(batch):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            kv_indices.extend(seq.kv.page_table()[:-(-end // page_size)])
+            kv_indptr[b + 1] = len(kv_indices)
+            starts[b], new_tokens[b] = start, item.num_new_tokens
+            if end == len(seq.token_ids):  # computes its last known token: draws the next one
+                logits_rows.append(len(input_ids) - 1)
+                if seq.token_ids[-1] == PLACEHOLDER:
+                    pending.append((len(input_ids) - 1, seq.pending_row))
+        query_start = np.zeros(num_rows + 1, dtype=np.int32)
+        np.cumsum(new_tokens, out=query_start[1:])
+        plan = StepPlan(np.asarray(input_ids, dtype=np.int64), query_start, starts, kv_indptr,
+                        np.frombuffer(kv_indices, dtype=np.int32), logits_rows, draws, rows, pending,
+                        page_copies=self.page_copies.take())
+        if self.sharing is not None and num_rows > 1:
+            plan.sharing_key, plan.sharing = self.sharing.sharing([item.seq.kv.node for item in batch])
+        return plan

@@ -1,0 +1,38 @@
+"""The KV tensors of one device: every layer's K and V pages, indexed by the core's page ids."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from forkserve.transfer import to_device
+
+
+class KVCache:
+    """K and V for every layer: [num_layers, num_pages, page_size, num_kv_heads, head_dim] each.
+
+    One tensor per K and V (not one per layer) so that copy-on-write of a page is one indexed
+    copy over all layers, and a layer's view is the NHD paged layout attention kernels take.
+    One extra page past num_pages, `scratch_page`, belongs to no pool: padded rows of a
+    CUDA-graph batch write to and read from it.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_layers, num_pages + 1, page_size, num_kv_heads, head_dim)
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.scratch_page = num_pages
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_page(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * page_size * num_kv_heads * head_dim * element
+
+    def copy_pages(self, copies: np.ndarray) -> None:
+        """Run a step's page copies ([N, 2] int32 rows of source, destination: forks' partly
+        filled last pages) with one pinned, non-blocking index copy, before the step's writes."""
+        index = to_device(np.ascontiguousarray(copies.T, dtype=np.int64), self.k.device)
+        self.k[:, index[1]] = self.k[:, index[0]]
+        self.v[:, index[1]] = self.v[:, index[0]]

@@ -1,0 +1,84 @@
+"""What crosses the line between the engine core and the worker: one step's plan, one step's result.
+
+The core (forkserve/engine) decides; the worker (runner, CUDA graphs, attention backends, sampler
+kernels, model) computes. A `StepPlan` holds only flat numpy arrays, ints and plain dataclasses
+of values, so it can be handed to another process (tensor-parallel ranks) as it is; the worker
+never sees a sequence, a tree node or the scheduler. This module is the worker's interface: the
+core imports the worker through it and `worker.worker.Worker` only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from forkserve.sampler import SamplerOutput, SamplingRow
+
+__all__ = ["PLACEHOLDER", "Sharing", "DrawRequest", "StepPlan", "StepResult", "SamplingRow", "SamplerOutput"]
+
+PLACEHOLDER = -1  # token id of a draw still on the GPU; the step that reads it takes it from there
+
+
+@dataclass
+class Sharing:
+    """Which of a step's rows share which leading pages, as the core's prefix tree says (the
+    shared-prefix levels the attention backends build from it: attention/cascade.py).
+
+    Per kept depth (a level): `group_of_row[level][b]` is row b's group in that level (-1: none)
+    and `groups[level][g]` is group g's (first page, end page) on its members' page tables and
+    its first member row. `cuts[b]` is the page row b's own pages start at.
+    """
+
+    group_of_row: np.ndarray  # [L, B] int64
+    groups: list[np.ndarray]  # per level [G, 3] int64: start page, end page, first row
+    cuts: np.ndarray  # [B] int64
+
+    @property
+    def shared_pages(self) -> int:
+        """Pages one layer reads for the levels: each group's once."""
+        return int(sum((g[:, 1] - g[:, 0]).sum() for g in self.groups))
+
+
+@dataclass
+class DrawRequest:
+    """What one sampling row wants from its logits row this step (synchronous steps)."""
+
+    rows: list[SamplingRow] = field(default_factory=list)  # one seeded draw per continuation (a fork: several)
+    top_k: int = 0  # beam probe: the k best (token, logprob) of the raw log-softmax instead
+
+
+@dataclass
+class StepPlan:
+    """One step for the worker: B rows (sequences) adding T new tokens in all.
+
+    Row b's new tokens are input_ids[query_start[b]:query_start[b+1]], at positions from
+    num_computed[b]; its KV pages are kv_indices[kv_indptr[b]:kv_indptr[b+1]]. A PLACEHOLDER
+    token is replaced on the device by a previous step's draw (`pending`). `page_copies` run
+    before the step writes any KV (forks' partly filled last pages).
+    """
+
+    input_ids: np.ndarray  # [T] int64
+    query_start: np.ndarray  # [B + 1] int32
+    num_computed: np.ndarray  # [B] int64: tokens in KV before this step
+    kv_indptr: np.ndarray  # [B + 1] int32
+    kv_indices: np.ndarray  # int32
+    logits_rows: list[int]  # token indices (increasing) whose logits are sampled: each sampling row's last
+    draws: list[DrawRequest] | None = None  # synchronous step: per logits row, in order
+    rows: list[SamplingRow] | None = None  # launched step (async scheduling): one plain draw per logits row
+    pending: list[tuple[int, int]] = field(default_factory=list)  # (token index, previous step's draw row)
+    sharing: Sharing | None = None
+    sharing_key: int = -1  # equal keys: equal sharing (the worker reuses what it built from it)
+    page_copies: np.ndarray | None = None  # [N, 2] int32: (source page, destination page)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.num_computed)
+
+
+@dataclass
+class StepResult:
+    """A synchronous step's draws."""
+
+    sampled: SamplerOutput | None  # the draws of every request's rows, flattened in order
+    first_row: list[int]  # per draw request, the index of its first draw in `sampled`
+    top: list[list[tuple[int, float]] | None]  # per draw request, its probe's candidates (best first)
