@@ -7,8 +7,8 @@ import torch
 
 import numpy as np
 
-from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import CascadePlan, plan_cascade
+from forkserve.worker.attention.base import AttentionMetadata
+from forkserve.worker.attention.cascade import CascadePlan, plan_cascade
 from forkserve.engine.pages import PagePool
 from forkserve.engine.sharing import CascadeRule, find_sharing, path_order
 from forkserve.engine.tree import PrefixTree, TreeNode

@@ -11,9 +11,9 @@ from hypothesis import given, settings, strategies as st
 from attention_steps import plan_from_paths, shared_prefix_step, step_metadata
 from cpu_llm import cpu_llm
 from forkserve import SamplingParams
-from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.cascade import LEVEL_TILE_TOKENS, CascadePlan, CascadePlanner
-from forkserve.attention.reference import ReferenceBackend
+from forkserve.worker.attention.base import AttentionMetadata
+from forkserve.worker.attention.cascade import LEVEL_TILE_TOKENS, CascadePlan, CascadePlanner
+from forkserve.worker.attention.reference import ReferenceBackend
 from forkserve.engine.pages import PagePool
 from forkserve.engine.sharing import BatchSharing, CascadeRule, path_order
 from forkserve.engine.tree import PrefixTree

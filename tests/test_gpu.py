@@ -11,8 +11,8 @@ import torch
 
 from attention_steps import plan_from_paths, shared_prefix_step, step_metadata
 from forkserve import LLM, SamplingParams
-from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.reference import ReferenceBackend
+from forkserve.worker.attention.base import AttentionMetadata
+from forkserve.worker.attention.reference import ReferenceBackend
 from forkserve.engine.sharing import CascadeRule
 from forkserve.worker.kv_cache import KVCache
 
@@ -40,7 +40,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def test_flashinfer_matches_reference(step: str) -> None:
     """Decode, prefill, and a step whose first rows decode (the engine's order when a step also
     prefills: those rows go through the decode kernel)."""
-    from forkserve.attention.flashinfer import FlashInferBackend
+    from forkserve.worker.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, ps, layers = 32, 8, 128, 16, 2
@@ -73,7 +73,7 @@ def test_flashinfer_cascade_matches_plain_reference(step: str) -> None:
     """Random trees 1-4 deep in bf16: the GPU's levels (decode: the Triton shared-level and merge
     kernels; prefill: FlashInfer's prefill kernel + merge_state) equal plain attention, also in a
     step whose decoding rows come first and go through the decode kernel."""
-    from forkserve.attention.flashinfer import FlashInferBackend
+    from forkserve.worker.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, ps, num_pages = 32, 8, 128, 16, 4096
@@ -106,7 +106,7 @@ def test_flashinfer_cascade_matches_plain_reference(step: str) -> None:
 def test_direct_replan_equals_flashinfer_plan(tensor_cores: bool) -> None:
     """A CUDA-graph decode wrapper re-planned directly (what decode graph replays use) gets
     FlashInfer plan()'s schedule for fresh random lengths, and attends the same."""
-    from forkserve.attention.flashinfer import FlashInferBackend
+    from forkserve.worker.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, ps, rows, num_pages = 32, 8, 128, 16, 64, 4096

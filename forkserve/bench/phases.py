@@ -34,8 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import forkserve.worker.runner as runner_module
 from forkserve.api import LLM, out_of_the_collectors_sight, planning_a_batch
-from forkserve.attention.cascade import CascadePlanner
-from forkserve.attention.flashinfer import FlashInferBackend
+from forkserve.worker.attention.cascade import CascadePlanner
+from forkserve.worker.attention.flashinfer import FlashInferBackend
 from forkserve.bench.profile import device_spans, idle_between_kernels, idle_per_marker, kernel_totals_ms
 from forkserve.bench.run import model_dir_from_config
 from forkserve.bench.worker import warm_up_workloads

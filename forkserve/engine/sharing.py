@@ -1,5 +1,5 @@
 """Which of a step's sequences share which KV, read from their tree paths (the core's half of
-shared-prefix attention; the worker builds the attention levels from it: attention/cascade.py).
+shared-prefix attention; the worker builds the attention levels from it: worker/attention/cascade.py).
 
 A tree node on the paths of c of the step's sequences is shared c ways. A *segment* is a run of
 consecutive nodes on a path shared by the same sequences. A segment worth a pass of its own
@@ -115,7 +115,7 @@ class BatchSharing:
     pages grow) for many steps, and walking a thousand tree paths a step costs milliseconds of
     host time. So the path order and the sharing are kept while the nodes, in order, stay the
     same, and the sharing keeps its key, by which the worker reuses the levels it built from it
-    (attention/cascade.CascadePlanner). Node identity is a sufficient key: a node's pages never
+    (worker/attention/cascade.CascadePlanner). Node identity is a sufficient key: a node's pages never
     change, and a split of a node on a row's path inserts its head above it for every row that
     passes through, so the sharing among the rows is the same.
     """

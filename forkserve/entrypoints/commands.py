@@ -11,7 +11,7 @@ logger = logging.getLogger("forkserve")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from forkserve.cli import add_engine_args
+    from forkserve.engine_args import add_engine_args
 
     add_engine_args(parser)
     parser.add_argument("--served-model-name", action="append", default=None,
@@ -24,7 +24,7 @@ def _served_names(args: argparse.Namespace) -> list[str]:
 
 
 def _build_engine(args: argparse.Namespace):
-    from forkserve.cli import engine_kwargs
+    from forkserve.engine_args import engine_kwargs
     from forkserve.config import EngineConfig
     from forkserve.engine.engine import Engine
 

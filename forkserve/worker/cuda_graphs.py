@@ -6,7 +6,7 @@ its output is large and its single GEMM gains nothing from capture.
 
 Each size is captured with each of FlashInfer's two decode kernels, chosen per step by the
 rows' mean page count and number (`uses_tensor_cores`), and, when cascade attention is on, both
-plain and with the shared-prefix levels (forkserve/attention/cascade.py) that the Triton
+plain and with the shared-prefix levels (forkserve/worker/attention/cascade.py) that the Triton
 shared-level kernel reads from fixed buffers (`DecodeLevels`), so cascade decode steps replay a
 graph too.
 """
@@ -18,8 +18,8 @@ from bisect import bisect_left
 import numpy as np
 import torch
 
-from forkserve.attention.base import AttentionMetadata
-from forkserve.attention.flashinfer import (CUDA_CORE_DECODE_MAX_PAGES, FLASHINFER_WRAPPER_BYTES, DecodeLevels,
+from forkserve.worker.attention.base import AttentionMetadata
+from forkserve.worker.attention.flashinfer import (CUDA_CORE_DECODE_MAX_PAGES, FLASHINFER_WRAPPER_BYTES, DecodeLevels,
                                             FlashInferBackend, decode_uses_tensor_cores, kv_token_counts)
 from forkserve.worker.kv_cache import KVCache
 from forkserve.model.llama import LlamaForCausalLM
@@ -51,7 +51,7 @@ class DecodeGraphs:
     @staticmethod
     def reserved_bytes(max_batch: int, max_pages_per_seq: int, max_levels: int, num_q_heads: int,
                        head_dim: int) -> int:
-        """Device memory the graphs hold besides their activations' pool (engine/memory.py measures that):
+        """Device memory the graphs hold besides their activations' pool (worker/memory.py measures that):
         the decode wrappers' shared schedule buffer, the page-index buffers and the shared levels'
         buffers."""
         wrappers = FLASHINFER_WRAPPER_BYTES  # one schedule buffer serves every graph wrapper

@@ -22,7 +22,7 @@ PLACEHOLDER = -1  # token id of a draw still on the GPU; the step that reads it 
 @dataclass
 class Sharing:
     """Which of a step's rows share which leading pages, as the core's prefix tree says (the
-    shared-prefix levels the attention backends build from it: attention/cascade.py).
+    shared-prefix levels the attention backends build from it: worker/attention/cascade.py).
 
     Per kept depth (a level): `group_of_row[level][b]` is row b's group in that level (-1: none)
     and `groups[level][g]` is group g's (first page, end page) on its members' page tables and

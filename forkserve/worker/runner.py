@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from forkserve.attention.base import AttentionBackend, AttentionMetadata
-from forkserve.attention.cascade import CascadePlanner
+from forkserve.worker.attention.base import AttentionBackend, AttentionMetadata
+from forkserve.worker.attention.cascade import CascadePlanner
 from forkserve.model.llama import LlamaForCausalLM
 from forkserve.sampler import Draws, SamplerOutput
 from forkserve.transfer import to_device

@@ -10,10 +10,10 @@ import logging
 
 import torch
 
-from forkserve.attention.base import AttentionBackend
-from forkserve.attention.cascade import CascadePlanner
-from forkserve.attention.flashinfer import FlashInferBackend
-from forkserve.attention.reference import ReferenceBackend
+from forkserve.worker.attention.base import AttentionBackend
+from forkserve.worker.attention.cascade import CascadePlanner
+from forkserve.worker.attention.flashinfer import FlashInferBackend
+from forkserve.worker.attention.reference import ReferenceBackend
 from forkserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype
 from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model

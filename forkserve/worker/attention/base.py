@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forkserve.attention.cascade import CascadePlan
+from forkserve.worker.attention.cascade import CascadePlan
 from forkserve.worker.kv_cache import KVCache
 from forkserve.model.layers import fused_kernels_for
 

@@ -5,7 +5,7 @@ reuses the plan. Pure decode steps use the decode kernel (tensor cores for group
 steps with prefill chunks use the ragged-query prefill kernel over paged KV. Decode wrappers
 bound to fixed buffers serve the CUDA graphs (see forkserve/worker/cuda_graphs.py).
 
-A step with a cascade plan (forkserve/attention/cascade.py) runs the same kernel over each
+A step with a cascade plan (forkserve/worker/attention/cascade.py) runs the same kernel over each
 sequence's own pages with the log-sum-exp returned, then its shared levels. Decode steps run all
 levels in one launch of the Triton shared-level kernel (forkserve/kernels/shared_level.py) and
 fold the partials into the own-pages output with its merge kernel, from fixed buffers
@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from forkserve.attention.base import AttentionBackend, AttentionMetadata, write_kv
-from forkserve.attention.cascade import LevelWork
+from forkserve.worker.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from forkserve.worker.attention.cascade import LevelWork
 from forkserve.worker.kv_cache import KVCache
 from forkserve.kernels import gpu_kernels
 from forkserve.transfer import fill_from_host, to_device

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from forkserve.attention.base import AttentionBackend, AttentionMetadata, write_kv
-from forkserve.attention.cascade import CascadePlan, merge_partials
+from forkserve.worker.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from forkserve.worker.attention.cascade import CascadePlan, merge_partials
 from forkserve.worker.kv_cache import KVCache
 
 
