@@ -52,6 +52,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`benchmarks/` sits beside the package in a source checkout and is not shipped with it."""
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError:
+        print("error: forkserve bench runs from a source checkout, in the folder holding benchmarks/ "
+              "(python -m forkserve bench ... or python -m benchmarks.run ...)", file=sys.stderr)
+        return 2
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forkserve", description=__doc__)
     parser.add_argument("--log-level", default=None, help="default: WARNING (INFO for run-batch and serve)")
@@ -79,10 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     gen.set_defaults(func=cmd_generate)
 
-    from forkserve.bench.run import add_bench_args, cmd_bench
-
-    bench = sub.add_parser("bench", help="time the shared workloads on forkserve and vLLM (random weights)")
-    add_bench_args(bench)
+    bench = sub.add_parser("bench", add_help=False,
+                           help="time the shared workloads on forkserve and vLLM (from a source checkout: benchmarks/)")
+    bench.set_defaults(bench_args=[])  # every argument after `bench` is the bench's own (see main)
     bench.set_defaults(func=cmd_bench)
 
     from forkserve.entrypoints.commands import add_run_batch_args, add_serve_args, cmd_run_batch, cmd_serve
@@ -98,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     level = args.log_level or getattr(args, "default_log_level", "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -5,8 +5,8 @@
 #   tests[:EXPR]                   the GPU test suite (tests/test_gpu.py), or its tests matching pytest -k EXPR
 #   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the Llama-3.1-8B shape
 #                                  (engine arguments: $ENGINE_ARGS, JSON, default the runs' max_num_seqs 1024, 16K tokens)
-#   profile:ARGS                   python -m forkserve.bench.profile .shared/llama-3.1-8b ARGS (ARGS space-separated)
-#   phases:ARGS                    python -m forkserve.bench.phases .shared/llama-3.1-8b ARGS (host time per step phase)
+#   profile:ARGS                   python -m benchmarks.profile .shared/llama-3.1-8b ARGS (ARGS space-separated)
+#   phases:ARGS                    python -m benchmarks.phases .shared/llama-3.1-8b ARGS (host time per step phase)
 #   probe[:PARTS]                  python scripts/attention_probe.py [PARTS, comma-separated: own,level,triton,gemm]
 # e.g. bash scripts/device_check.sh tests "profile:--batch 1024 --context 2100 --shared 2000 --cascade on,off" \
 #        bench:nosharing,sharedprefix,samples:both
@@ -50,11 +50,11 @@ for step in "$@"; do
                 | awk '!/ INFO / || /KV cache size|Maximum concurrency|KV pool/' | tee -a "$out/bench.log" ;;
         profile:*)
             # shellcheck disable=SC2086
-            timeout "${PROFILE_TIMEOUT:-300}" python3 -m forkserve.bench.profile .shared/llama-3.1-8b ${step#profile:} \
+            timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.profile .shared/llama-3.1-8b ${step#profile:} \
                 --out "$out/profile-$(date +%s).json" 2>&1 | grep -vE " INFO |UserWarning|_warn_once" ;;
         phases:*)
             # shellcheck disable=SC2086
-            timeout "${PROFILE_TIMEOUT:-300}" python3 -m forkserve.bench.phases .shared/llama-3.1-8b ${step#phases:} 2>&1 \
+            timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.phases .shared/llama-3.1-8b ${step#phases:} 2>&1 \
                 | grep -vE " INFO |UserWarning|_warn_once" ;;
         probe|probe:*)
             parts=${step#probe}

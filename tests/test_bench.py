@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from forkserve.bench.profile import device_spans, idle_between_kernels, idle_per_marker
-from forkserve.bench.worker import warm_up_workloads
-from forkserve.bench.workloads import build
+from benchmarks.profile import device_spans, idle_between_kernels, idle_per_marker
+from benchmarks.worker import warm_up_workloads
+from benchmarks.workloads import build
 
 SHARED_WORKLOADS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workloads.py"
 

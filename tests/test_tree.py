@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from forkserve.engine.page_keys import page_keys
 from forkserve.engine.pages import OutOfPages, PagePool
 from forkserve.engine.tree import PrefixTree, SeqKV, TreeNode
 
@@ -666,3 +667,27 @@ class TreeMachine(RuleBasedStateMachine):
 TreeMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
 TestTreeMachine = TreeMachine.TestCase
+
+
+# ----------------------------------------------------------------------------------- content keys
+def test_page_keys_chain_the_prefix_and_survive_splits_and_processes() -> None:
+    """A page's key depends on every token up to its end (equal keys: equal prefixes), is the same
+    whichever node holds the page after splits, and is the same in another Python process."""
+    import subprocess
+    import sys
+
+    tree, _ = make_tree(num_pages=32, page_size=2)
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    cache(tree, a)
+    (node,) = tree.root.children.values()
+    whole = tree.page_keys(node)
+    assert len(whole) == 4 and len(set(whole)) == 4
+    assert whole == page_keys(a, 2)
+    cache(tree, [1, 2, 3, 4, 9, 9])  # splits the node after two pages
+    head = tree.root.children[(1, 2)]
+    assert tree.page_keys(head) + tree.page_keys(head.children[(5, 6)]) == whole
+    assert page_keys([1, 2, 3, 4, 9, 9], 2)[:2] == whole[:2] and page_keys([1, 2, 3, 4, 9, 9], 2)[2] != whole[2]
+    assert page_keys([9, 2, 3, 4], 2)[1] != whole[1], "a page's key depends on the pages before it"
+    script = "from forkserve.engine.page_keys import page_keys; print(page_keys([1, 2, 3, 4, 5, 6, 7, 8], 2)[3].hex())"
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == whole[3].hex()

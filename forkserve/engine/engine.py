@@ -1,35 +1,31 @@
-"""The step loop: request lifecycle, stop conditions, detokenisation and outputs."""
+"""The step loop and request lifecycle of the core: it schedules, hands the worker a step plan, and
+reads back tokens (prompts come in validated and tokenized, outputs go out detokenized: inputs.py,
+output_processor.py)."""
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence as Seq
 
 from forkserve.config import EngineConfig
-from forkserve.engine.forks import fork_kv
+from forkserve.engine.forks import fork_kv, new_children
+from forkserve.engine.inputs import InputProcessor, PromptInput, load_tokenizer
+from forkserve.engine.output_processor import OutputProcessor
 from forkserve.engine.pages import PagePool
 from forkserve.engine.scheduler import ScheduledSeq, Scheduler
 from forkserve.engine.sequence import Request, Sequence, SequenceStatus
 from forkserve.engine.sharing import CascadeRule
+from forkserve.engine.stats import EngineCounters, engine_stats
 from forkserve.engine.step_builder import StepBuilder
+from forkserve.engine.stopping import StopChecker, reaches_length
 from forkserve.engine.tree import PrefixTree
-from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
+from forkserve.outputs import RequestOutput
 from forkserve.sampling_params import SamplingParams
-from forkserve.worker.plan import PLACEHOLDER, DrawRequest, SamplerOutput, SamplingRow, StepResult
+from forkserve.worker.plan import PLACEHOLDER, SamplerOutput, StepResult
 from forkserve.worker.worker import LaunchedStep, Worker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PromptInput:
-    """A validated prompt: its token ids and, when given as text, the text."""
-
-    token_ids: list[int]
-    text: str | None = None
 
 
 @dataclass
@@ -49,8 +45,15 @@ class Engine:
         self.worker = Worker(config, cascade_rule.max_levels if cascade_rule is not None else 0)
         self.model_config = self.worker.model_config
         self.max_model_len = self.worker.max_model_len
-        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer or config.model)
-        self.steps = StepBuilder(config.block_size, cascade_rule)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
+        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
+                                     config.max_logprobs, config.max_n)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.stop_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.stop_token_ids.add(self.tokenizer.eos_token_id)
+        self.stops = StopChecker(self.stop_token_ids, self.max_model_len, self.outputs)
+        self.steps = StepBuilder(config.block_size, cascade_rule, self.stop_token_ids)
         self.pool = PagePool(self.worker.num_pages, config.block_size)
         self.tree = PrefixTree(self.pool, self.steps.page_copies, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
@@ -60,60 +63,19 @@ class Engine:
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose draws are still on the GPU
-        self.stop_token_ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.stop_token_ids.add(self.tokenizer.eos_token_id)
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
                     config.model, self.worker.device, self.worker.dtype, self.pool.num_pages, config.block_size,
                     self.max_model_len)
 
     # ----------------------------------------------------------------------------- requests
     def make_prompt(self, prompt: object, label: str) -> PromptInput:
-        """Validate one prompt (text or {'prompt_token_ids': [...]}) and tokenize it."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{label}: text prompts need a tokenizer (skip_tokenizer_init is set)")
-            if not prompt:
-                raise ValueError(f"{label}: prompt is empty")
-            return self._check_tokens(self.tokenizer(prompt).input_ids, label, prompt)
-        if isinstance(prompt, dict):
-            unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
-            if unknown:
-                raise ValueError(f"{label}: unknown prompt key(s) {unknown}; expected 'prompt' or 'prompt_token_ids'")
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not _all_ints(ids):
-                    raise ValueError(f"{label}: prompt_token_ids must be a list of ints")
-                return self._check_tokens(list(ids), label, prompt.get("prompt"))
-            if "prompt" in prompt:
-                return self.make_prompt(prompt["prompt"], label)
-        raise ValueError(f"{label}: a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
-
-    def _check_tokens(self, ids: list[int], label: str, text: str | None) -> PromptInput:
-        if not ids:
-            raise ValueError(f"{label}: prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = next(t for t in ids if not 0 <= t < vocab)
-            raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"{label}: prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
-                             "(at least one token must be left to generate)")
-        return PromptInput(ids, text)
+        return self.inputs.make_prompt(prompt, label)
 
     def check_params(self, params: object, label: str) -> SamplingParams:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"{label}: sampling params must be SamplingParams, got {type(params).__name__}")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"{label}: logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}")
-        for name in ("n", "best_of"):
-            self.check_width(getattr(params, name), name, label)
-        return params
+        return self.inputs.check_params(params, label)
 
     def check_width(self, value: int | None, name: str, label: str) -> None:
-        """Samples, beams and fork widths are capped by max_n (each one is a sequence to run)."""
-        if value is not None and value > self.config.max_n:
-            raise ValueError(f"{label}: {name}={value} exceeds max_n={self.config.max_n}")
+        self.inputs.check_width(value, name, label)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
         """Enqueue a validated request: one sequence, which forks into the samples at its first draw."""
@@ -158,25 +120,11 @@ class Engine:
         parent's tokens (a tree-search step). Children of a running parent run next step with
         it; others wait for admission. See `forks.fork_kv` for how the KV is shared.
         """
-        same = request is None or request is parent.request
-        request = parent.request if request is None else request
-        children = []
-        for _ in range(k):
-            index = len(request.seqs)
-            child = Sequence(next(self._seq_ids), request, index, list(parent.token_ids),
-                             parent.num_prompt_tokens if same else len(parent.token_ids), request.sample_seed(index))
-            if same:
-                child.cumulative_logprob = parent.cumulative_logprob
-                child.logprobs = None if parent.logprobs is None else list(parent.logprobs)
-            elif request.params.logprobs is not None:
-                child.logprobs = []
-            request.seqs.append(child)
-            children.append(child)
+        children = new_children(parent, k, request, self._seq_ids)
         fork_kv(self.scheduler, parent, children)
         for child in children:
             if parent.status is SequenceStatus.RUNNING and child.kv is not None:
-                child.status = SequenceStatus.RUNNING
-                self.scheduler.running.append(child)
+                self.scheduler.add_running(child)
             else:
                 self.scheduler.add(child)
         return children
@@ -211,22 +159,13 @@ class Engine:
         return bool(self.requests)
 
     def peek_output(self, request_id: str) -> RequestOutput | None:
-        """A snapshot of an unfinished request: each sample's tokens, text and logprobs so far.
-
-        `step` returns a request's output only once it has finished; this is how a caller sees
-        progress before that (a streaming server diffs consecutive snapshots). `finished` is
-        False; a sample that has already ended has its finish_reason and final text. The lists
-        are copies, safe to hand to another thread. Call it between steps, on the thread that
-        steps the engine. None when the id is unknown or its final output was already returned.
+        """A snapshot of an unfinished request (its samples' tokens, text and logprobs so far), for
+        callers that show progress before `step` returns the final output (a streaming server
+        diffs consecutive snapshots); None when the id is unknown or already returned. Call it
+        between steps, on the thread that steps the engine; it costs the new tokens' decoding.
         """
         request = self.requests.get(request_id)
-        if request is None:
-            return None
-        output = self.make_output(request)
-        for completion in output.outputs:
-            if completion.logprobs is not None:
-                completion.logprobs = list(completion.logprobs)
-        return output
+        return None if request is None else self.outputs.snapshot(request)
 
     # ----------------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
@@ -252,7 +191,7 @@ class Engine:
         self.counters.record_step(batch, self.pages_in_use)
         if overlap:
             previous = self._in_flight
-            rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
+            rows = [self.steps.sampling_row(seq, seq.seed) for seq in samplers]
             launched = self.worker.launch(self.steps.build(batch, rows=rows), previous.launched if previous else None)
             self._advance(batch)
             max_model_len = self.max_model_len
@@ -260,10 +199,10 @@ class Engine:
                 seq.token_ids.append(PLACEHOLDER)
                 seq.num_pending += 1
                 seq.pending_row = row
-                seq.final_in_flight = _reaches_length(len(seq.token_ids), seq, max_model_len)
+                seq.final_in_flight = reaches_length(len(seq.token_ids), seq, max_model_len)
             self._in_flight = InFlightStep(samplers, launched)
             return finished + (self._resolve(previous) if previous else [])
-        draws = [self._draw_request(seq) for seq in samplers]
+        draws = [self.steps.draw_request(seq) for seq in samplers]
         result: StepResult | None = self.worker.execute(self.steps.build(batch, draws=draws))
         self._advance(batch)
         if result is None:
@@ -323,33 +262,13 @@ class Engine:
         for request in dict.fromkeys(seq.request for seq in seqs):
             if request.is_finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
-                finished.append(self.make_output(request))
+                finished.append(self.outputs.make_output(request))
         return finished
 
     @property
     def pages_in_use(self) -> int:
         """Pages held by sequences, held branches or pins: all but the free and the idle cached ones."""
         return self.pool.num_pages - self.pool.num_free - self.tree.num_evictable_pages
-
-    def _draw_request(self, seq: Sequence) -> DrawRequest:
-        """One row for seq's own draw plus one per sample it forks into here, or a beam probe."""
-        if seq.probe_k:
-            return DrawRequest(top_k=seq.probe_k)
-        request = seq.request
-        seeds = [seq.seed] + [request.sample_seed(i) for i in request.pending_forks(seq)]
-        return DrawRequest([self._sampling_row(seq, seed) for seed in seeds])
-
-    def _sampling_row(self, seq: Sequence, seed: int | None) -> SamplingRow:
-        params = seq.request.params
-        if seq.num_output_tokens < params.min_tokens:
-            blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
-            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked)
-        if seed != seq.seed:
-            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
-        # A row reads the sequence's tokens when drawn, so its own row serves every step.
-        if seq.sampling_row is None:
-            seq.sampling_row = SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
-        return seq.sampling_row
 
     def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
         seq.token_ids.append(result.token_ids[row])
@@ -360,174 +279,18 @@ class Engine:
         token = result.token_ids[row]
         seq.cumulative_logprob += result.logprobs[row]
         if seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_entry(token, result, row))
-        reason, stop = self._stop_reason(seq, token, seq.request.params)
+            seq.logprobs.append(self.outputs.logprob_entry(token, result, row))
+        reason, stop = self.stops.reason(seq, token)
         if reason is None:
             return False
         seq.finish_reason, seq.stop_reason = reason, stop
         self.scheduler.finish(seq, hold=seq.request.hold)
         return True
 
-    def _logprob_entry(self, token: int, result: SamplerOutput, row: int) -> dict[int, Logprob]:
-        entry = {token: Logprob(result.logprobs[row], result.ranks[row], self._decode_one(token))}
-        for rank, (tid, lp) in enumerate(result.top_logprobs[row] or (), start=1):
-            if tid not in entry:
-                entry[tid] = Logprob(lp, rank, self._decode_one(tid))
-        return entry
-
-    def _decode_one(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
-
-    def _stop_reason(self, seq: Sequence, token: int, params: SamplingParams) -> tuple[str | None, int | str | None]:
-        """vLLM's order: stop token ids, EOS, stop strings, then length limits (of the known tokens)."""
-        known = len(seq.token_ids) - seq.num_pending
-        if known - seq.num_prompt_tokens >= params.min_tokens:
-            if token in params.stop_token_ids:
-                return "stop", token
-            if not params.ignore_eos and token in self.stop_token_ids:
-                return "stop", None
-            if params.stop and self.tokenizer is not None:
-                hit = self._find_stop_string(seq, params)
-                if hit is not None:
-                    return "stop", hit
-        if _reaches_length(known, seq, self.max_model_len):
-            return "length", None
-        return None, None
-
-    def _find_stop_string(self, seq: Sequence, params: SamplingParams) -> str | None:
-        """Decode the output so far; cut the text at the earliest stop string that appeared."""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
-        # Only the newly decoded tail (plus room for a stop string straddling it) can hold a new hit.
-        search_from = max(0, len(seq.text) - max(len(s) for s in params.stop) + 1)
-        seq.text = text
-        best: tuple[int, str] | None = None
-        for stop in params.stop:
-            at = text.find(stop, search_from)
-            if at != -1 and (best is None or at < best[0]):
-                best = (at, stop)
-        if best is None:
-            return None
-        at, stop = best
-        seq.text = text[:at + len(stop)] if params.include_stop_str_in_output else text[:at]
-        return stop
-
     def stats(self) -> dict[str, int | float]:
-        """Totals since start: what was computed, what the prefix tree saved, pages in use.
-
-        prompt_tokens counts each request's prompt once (its samples share it);
-        prefill_tokens_computed is what the model actually ran other than decodes, so with
-        forks and prefix reuse it is far below prompt_tokens x n. Pages in use are those held
-        by sequences, held search branches and pins (idle cache excluded); see
-        `pages_in_use_series` for the per-step history. kv_pages_read is the KV pages one layer's
-        attention read, summed over steps, against kv_pages_listed, what plain attention would
-        read (each sequence its whole table): shared-prefix attention's saving, in
-        cascade_steps steps.
-        """
-        c, planner = self.counters, self.scheduler.planner
-        return dict(prompt_tokens=c.prompt_tokens, unique_prompt_tokens=planner.unique_prompt_tokens,
-                    prefill_tokens_computed=c.prefill_tokens, decode_tokens=c.decode_tokens,
-                    peak_pages_in_use=c.peak_pages, pages_in_use=self.pages_in_use, steps=c.steps,
-                    preemptions=self.scheduler.num_preemptions, pins_dropped=planner.pins_dropped,
-                    kv_pages=self.pool.num_pages, **self.worker.stats())
+        """Totals since start (see `stats.engine_stats`)."""
+        return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use, self.worker.stats())
 
     def pages_in_use_series(self) -> list[int]:
         """Pages in use at the start of each of the last (up to 65,536) steps, oldest first."""
         return list(self.counters.pages_series)
-
-    # ----------------------------------------------------------------------------- outputs
-    def make_output(self, request: Request) -> RequestOutput:
-        """n completions by sample index; with best_of > n, the n of highest cumulative logprob, best first.
-
-        Samples not forked yet (the prompt is still prefilling) show as empty completions.
-        """
-        params = request.params
-        completions = [self._completion(seq) for seq in request.seqs]
-        if request.num_samples > params.n:
-            order = sorted(range(len(request.seqs)), key=lambda i: -request.seqs[i].cumulative_logprob)
-            completions = [completions[i] for i in order[:params.n]]
-            for rank, completion in enumerate(completions):
-                completion.index = rank
-        completions += [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None,
-                                         logprobs=None if params.logprobs is None else [])
-                        for i in range(len(completions), params.n)]
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=None,
-            outputs=completions,
-            finished=request.is_finished,
-            num_cached_tokens=request.num_cached_tokens or 0,
-        )
-
-    def _completion(self, seq: Sequence) -> CompletionOutput:
-        params = seq.request.params
-        if seq.stop_reason is not None and isinstance(seq.stop_reason, str):
-            text = seq.text  # already cut at the stop string
-        elif self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
-        else:
-            text = ""
-        return CompletionOutput(
-            index=seq.index,
-            text=text,
-            token_ids=list(seq.output_token_ids),
-            cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
-            logprobs=seq.logprobs,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-
-
-@dataclass
-class EngineCounters:
-    prompt_tokens: int = 0
-    prefill_tokens: int = 0  # tokens computed other than one-token decodes (recomputation included)
-    decode_tokens: int = 0
-    peak_pages: int = 0
-    steps: int = 0
-    pages_series: deque[int] = field(default_factory=lambda: deque(maxlen=1 << 16))
-    # (time.perf_counter() at the step's start, decode rows, prefill tokens) of the last steps:
-    # where a batch's time went (see summary.step_breakdown)
-    step_series: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=1 << 16))
-
-    def record_step(self, batch: list[ScheduledSeq], pages_in_use: int) -> None:
-        self.steps += 1
-        self.peak_pages = max(self.peak_pages, pages_in_use)
-        self.pages_series.append(pages_in_use)
-        decodes = prefills = 0
-        for item in batch:
-            seq = item.seq
-            if item.num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                decodes += 1
-            else:
-                prefills += item.num_new_tokens
-        self.decode_tokens += decodes
-        self.prefill_tokens += prefills
-        self.step_series.append((time.perf_counter(), decodes, prefills))
-
-
-def _all_ints(ids: list | tuple) -> bool:
-    """Every element an int and none a bool. Checked by type in C first: a batch of long prompts
-    (millions of ids) is validated before the first step, while the GPU waits."""
-    if set(map(type, ids)) <= {int}:
-        return True
-    return all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-
-
-def _reaches_length(num_tokens: int, seq: Sequence, max_model_len: int) -> bool:
-    """With num_tokens tokens (prompt included), seq reaches max_tokens or max_model_len."""
-    max_tokens = seq.request.params.max_tokens
-    return (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens) or num_tokens >= max_model_len
-
-
-def _load_tokenizer(path: str):
-    """The checkpoint's own tokenizer files; never remote code."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load a tokenizer from {path} (tokenizer.json or tokenizer_config.json with its "
-                         f"vocabulary files expected there; pass skip_tokenizer_init=True to run on token ids): "
-                         f"{error}") from error

@@ -7,8 +7,30 @@ operations in the next step's plan, which the worker runs before that step's KV 
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 from forkserve.engine.scheduler import Scheduler
-from forkserve.engine.sequence import Sequence
+from forkserve.engine.sequence import Request, Sequence
+
+
+def new_children(parent: Sequence, k: int, request: Request | None, seq_ids: Iterator[int]) -> list[Sequence]:
+    """k sequences continuing parent's tokens, added to parent's request (more samples or beams,
+    carrying its logprobs) or to `request`, whose prompt is parent's tokens (a tree-search step)."""
+    same = request is None or request is parent.request
+    request = parent.request if request is None else request
+    children = []
+    for _ in range(k):
+        index = len(request.seqs)
+        child = Sequence(next(seq_ids), request, index, list(parent.token_ids),
+                         parent.num_prompt_tokens if same else len(parent.token_ids), request.sample_seed(index))
+        if same:
+            child.cumulative_logprob = parent.cumulative_logprob
+            child.logprobs = None if parent.logprobs is None else list(parent.logprobs)
+        elif request.params.logprobs is not None:
+            child.logprobs = []
+        request.seqs.append(child)
+        children.append(child)
+    return children
 
 
 def fork_kv(scheduler: Scheduler, parent: Sequence, children: list[Sequence]) -> None:

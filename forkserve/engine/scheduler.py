@@ -59,6 +59,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.add_batch([seq])
 
+    def add_running(self, seq: Sequence) -> None:
+        """A fork of a running sequence that has its KV: it runs from the next step on, beside its parent."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def add_batch(self, seqs: list[Sequence]) -> None:
         """Queue sequences submitted together, in the planner's order."""
         for seq in seqs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from forkserve.detokenizer import IncrementalDetokenizer
 from forkserve.engine.tree import SeqKV
 from forkserve.outputs import Logprob
 from forkserve.worker.plan import SamplingRow
@@ -33,7 +34,8 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str = ""  # set while checking stop strings and at finish
+    text: str = ""  # set while checking stop strings (cut at the one found)
+    detokenizer: IncrementalDetokenizer | None = None  # its output's text, token by token (output_processor.py)
     num_preemptions: int = 0
     arrival_step: int = 0  # scheduler step at which it was queued (for the waiting order's ageing)
     probe_k: int = 0  # beam probe: at its next draw, report the k best tokens instead of sampling

@@ -6,6 +6,7 @@ from array import array
 import numpy as np
 
 from forkserve.engine.scheduler import ScheduledSeq
+from forkserve.engine.sequence import Sequence
 from forkserve.engine.sharing import BatchSharing, CascadeRule
 from forkserve.worker.plan import PLACEHOLDER, DrawRequest, SamplingRow, StepPlan
 
@@ -30,14 +31,15 @@ class PageCopies:
 
 
 class StepBuilder:
-    """Orders a scheduled batch and turns it into a `StepPlan`.
+    """Orders a scheduled batch and turns it into a `StepPlan` (its sampling rows as values).
 
     With a cascade rule, rows under one tree node are made adjacent (each shared group is then
     one attention request) and the plan carries the batch's sharing (engine/sharing.py).
     """
 
-    def __init__(self, page_size: int, rule: CascadeRule | None) -> None:
+    def __init__(self, page_size: int, rule: CascadeRule | None, stop_token_ids: set[int]) -> None:
         self.page_size = page_size
+        self.stop_token_ids = stop_token_ids  # blocked before a request's min_tokens
         self.sharing = None if rule is None else BatchSharing(rule, page_size)
         self.page_copies = PageCopies()
 
@@ -50,6 +52,27 @@ class StepBuilder:
         if any(item.num_new_tokens != 1 for item in batch):
             batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)
         return batch
+
+    def draw_request(self, seq: Sequence) -> DrawRequest:
+        """One row for seq's own draw plus one per sample it forks into here, or a beam probe."""
+        if seq.probe_k:
+            return DrawRequest(top_k=seq.probe_k)
+        request = seq.request
+        seeds = [seq.seed] + [request.sample_seed(i) for i in request.pending_forks(seq)]
+        return DrawRequest([self.sampling_row(seq, seed) for seed in seeds])
+
+    def sampling_row(self, seq: Sequence, seed: int | None) -> SamplingRow:
+        """seq's draw with this seed, as the sampler takes it (stop tokens blocked before min_tokens)."""
+        params = seq.request.params
+        if seq.num_output_tokens < params.min_tokens:
+            blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked)
+        if seed != seq.seed:
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+        # A row reads the sequence's tokens when drawn, so its own row serves every step.
+        if seq.sampling_row is None:
+            seq.sampling_row = SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+        return seq.sampling_row
 
     def build(self, batch: list[ScheduledSeq], draws: list[DrawRequest] | None = None,
               rows: list[SamplingRow] | None = None) -> StepPlan:

@@ -1,6 +1,8 @@
 """End-of-batch summary: what a batch computed against what it had to, from two `Engine.stats()`."""
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Sequence
 
 # Reported as they stand at the end rather than as differences.
@@ -34,10 +36,21 @@ def describe(summary: dict[str, int | float]) -> str:
             f"{s['pins_dropped']} pinned prefixes dropped")
 
 
+class StepTimes:
+    """A step hook (`EngineCounters.hooks`) keeping (time.perf_counter() at the step's start, decode
+    rows, prefill tokens) of the last steps: where a batch's time went (`step_breakdown`)."""
+
+    def __init__(self, max_steps: int = 1 << 16) -> None:
+        self.series: deque[tuple[float, int, int]] = deque(maxlen=max_steps)
+
+    def __call__(self, decodes: int, prefills: int) -> None:
+        self.series.append((time.perf_counter(), decodes, prefills))
+
+
 def step_breakdown(series: list[tuple[float, int, int]], end: float) -> dict[str, float | int]:
     """Wall time of a batch's steps split into pure decode steps and steps with prefill tokens.
 
-    series holds (start time, decode rows, prefill tokens) per step (`EngineCounters.step_series`)
+    series holds (start time, decode rows, prefill tokens) per step (`StepTimes.series`)
     and end is when the batch finished; the slowest prefill step (its time, and its place among the
     batch's steps) tells a one-off stall (a kernel built at its first use) from uniformly slow
     steps. A step's time is taken as the gap to the next step's start; with async scheduling that

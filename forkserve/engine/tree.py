@@ -13,6 +13,7 @@ import itertools
 from array import array
 from typing import Callable, Iterable, Iterator, Sequence
 
+from forkserve.engine.page_keys import page_keys
 from forkserve.engine.pages import OutOfPages, PagePool
 
 CopyPages = Callable[[list[int], list[int]], None]
@@ -353,6 +354,12 @@ class PrefixTree:
             parent = node.parent
             self._remove_leaf(node)
             node = parent
+
+    def page_keys(self, node: TreeNode) -> list[bytes]:
+        """Content keys of node's pages (page_keys.py), computed on demand from its path's tokens:
+        what a host or disk tier, or another replica, names these pages by."""
+        tokens = [t for n in node.path() for t in n.tokens]
+        return page_keys(tokens, self.page_size)[len(tokens) // self.page_size - len(node.pages):]
 
     def evict(self, num_pages: int) -> int:
         """Free at least num_pages from least recently used unheld leaves (fewer if not possible)."""

@@ -1,7 +1,7 @@
 """Where a decode step's wall time goes on the host, phase by phase, on a bench workload.
 
 Run on the GPU machine:
-    python -m forkserve.bench.phases CONFIG_DIR --workloads sharedprefix,samples [--kernels-at 60]
+    python -m benchmarks.phases CONFIG_DIR --workloads sharedprefix,samples [--kernels-at 60]
 Each workload runs as the bench builds it (one planned batch). The step's phases (scheduling,
 step metadata with cascade planning, graph planning and replay, sampling, reading tokens back)
 are wrapped in wall-clock timers; per phase it prints the mean milliseconds over decode-only
@@ -36,10 +36,10 @@ import forkserve.worker.runner as runner_module
 from forkserve.api import LLM, out_of_the_collectors_sight, planning_a_batch
 from forkserve.worker.attention.cascade import CascadePlanner
 from forkserve.worker.attention.flashinfer import FlashInferBackend
-from forkserve.bench.profile import device_spans, idle_between_kernels, idle_per_marker, kernel_totals_ms
-from forkserve.bench.run import model_dir_from_config
-from forkserve.bench.worker import warm_up_workloads
-from forkserve.bench.workloads import build
+from benchmarks.profile import device_spans, idle_between_kernels, idle_per_marker, kernel_totals_ms
+from benchmarks.run import model_dir_from_config
+from benchmarks.worker import warm_up_workloads
+from benchmarks.workloads import build
 from forkserve.engine.engine import Engine
 from forkserve.engine.scheduler import Scheduler
 from forkserve.engine.sharing import BatchSharing

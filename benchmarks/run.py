@@ -1,4 +1,5 @@
-"""`forkserve bench`: run each engine in a child process, then print a table, JSON and a chart."""
+"""`forkserve bench` (or `python -m benchmarks.run`): run each engine in a child process, then print a
+table, JSON and a chart."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 logger = logging.getLogger("forkserve.bench")
+REPO = Path(__file__).resolve().parents[1]  # the children import benchmarks/ from here
 
 
 def model_dir_from_config(path: str, into: Path) -> Path:
@@ -31,15 +33,14 @@ def engine_env(engine: str) -> dict[str, str]:
     """The child's environment: vLLM's child also sees FORKSERVE_VLLM_PATH (an unpacked vLLM that
     must stay out of forkserve's own process, where its pinned packages could clash)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    extra = os.environ.get("FORKSERVE_VLLM_PATH")
-    if engine == "vllm" and extra:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
+    extra = os.environ.get("FORKSERVE_VLLM_PATH") if engine == "vllm" else None
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
 
 def run_engine(engine: str, model_dir: Path, workloads: str, scale: int, engine_args: dict) -> list[dict]:
     """Run one engine's worker, echoing its output, and collect its RESULT lines."""
-    cmd = [sys.executable, "-m", "forkserve.bench.worker", engine, str(model_dir), workloads, str(scale),
+    cmd = [sys.executable, "-m", "benchmarks.worker", engine, str(model_dir), workloads, str(scale),
            json.dumps(engine_args)]
     env = engine_env(engine)
     results = []
@@ -131,3 +132,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if results:
         chart(results, out / "results.png")
     return 0 if results else 1
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="forkserve bench", description=__doc__)
+    add_bench_args(parser)
+    return cmd_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))

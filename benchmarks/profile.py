@@ -1,7 +1,7 @@
 """Where a decode step's time goes: attention kernels vs GEMMs vs other kernels vs host.
 
 Run on the GPU machine:
-    python -m forkserve.bench.profile CONFIG_DIR --batch 256,1024 --context 1024,2100 [--shared 2000 --group 64]
+    python -m benchmarks.profile CONFIG_DIR --batch 256,1024 --context 1024,2100 [--shared 2000 --group 64]
 For each (batch, context) it fills the engine with `batch` requests of `context` prompt tokens
 (with --shared S, requests in groups of --group share their first S tokens, as in the
 sharedprefix workload), lets prefill finish, then times steady decode steps: wall time per step,
@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from forkserve.api import LLM
 from forkserve.engine.sharing import BatchSharing, CascadeRule
-from forkserve.bench.run import model_dir_from_config
+from benchmarks.run import model_dir_from_config
 from forkserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("forkserve.bench")

@@ -1,6 +1,6 @@
 """One engine, timed on the workloads, in its own process (so two engines never share a GPU's memory).
 
-Run as `python -m forkserve.bench.worker ENGINE CONFIG_DIR WORKLOADS SCALE JSON_ENGINE_ARGS`; prints
+Run as `python -m benchmarks.worker ENGINE CONFIG_DIR WORKLOADS SCALE JSON_ENGINE_ARGS`; prints
 one `RESULT {json}` line per workload as it finishes, so a partial run still shows numbers.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from forkserve.bench.workloads import Workload, build
+from benchmarks.workloads import Workload, build
 from forkserve.engine.summary import batch_summary, step_breakdown
 
 logger = logging.getLogger("forkserve.bench")
@@ -28,7 +28,7 @@ class EngineUnderTest:
 
     generate: Generate
     stats: Callable[[], dict] = dict  # cumulative counters (forkserve's Engine.stats)
-    steps: Callable[[], list[tuple[float, int, int]]] = list  # per-step trace (EngineCounters.step_series)
+    steps: Callable[[], list[tuple[float, int, int]]] = list  # per-step trace (summary.StepTimes)
     pages: Callable[[], list[int]] = list  # pages in use per step (Engine.pages_in_use_series)
 
 
@@ -36,12 +36,15 @@ def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnder
     import torch
 
     from forkserve import LLM, SamplingParams
+    from forkserve.engine.summary import StepTimes
 
     on_gpu = torch.cuda.is_available() and engine_args.get("device", "auto") != "cpu"
     args = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16" if on_gpu else "float32",
                 enable_prefix_caching=True, seed=0)
     args.update(engine_args)
     llm = LLM(model_dir, **args)
+    step_times = StepTimes()
+    llm.engine.counters.hooks.append(step_times)
 
     def generate(w: Workload) -> list[Any]:
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in w.requests]
@@ -49,8 +52,7 @@ def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnder
                   for r in w.requests]
         return llm.generate(prompts, params, use_tqdm=False)
 
-    return EngineUnderTest(generate, llm.engine.stats, lambda: list(llm.engine.counters.step_series),
-                           llm.engine.pages_in_use_series)
+    return EngineUnderTest(generate, llm.engine.stats, lambda: list(step_times.series), llm.engine.pages_in_use_series)
 
 
 def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:

@@ -1,0 +1,37 @@
+"""When a sequence stops: stop token ids, EOS, stop strings (on the new text only), length limits."""
+from __future__ import annotations
+
+from forkserve.engine.output_processor import OutputProcessor
+from forkserve.engine.sequence import Sequence
+
+
+class StopChecker:
+    """vLLM's stop conditions for a sequence's newest known token."""
+
+    def __init__(self, stop_token_ids: set[int], max_model_len: int, outputs: OutputProcessor) -> None:
+        self.stop_token_ids = stop_token_ids  # the model's EOS ids (and the tokenizer's)
+        self.max_model_len = max_model_len
+        self.outputs = outputs
+
+    def reason(self, seq: Sequence, token: int) -> tuple[str | None, int | str | None]:
+        """vLLM's order: stop token ids, EOS, stop strings, then length limits (of the known tokens)."""
+        params = seq.request.params
+        known = len(seq.token_ids) - seq.num_pending
+        if known - seq.num_prompt_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return "stop", token
+            if not params.ignore_eos and token in self.stop_token_ids:
+                return "stop", None
+            if params.stop and self.outputs.tokenizer is not None:
+                hit = self.outputs.find_stop_string(seq, params)
+                if hit is not None:
+                    return "stop", hit
+        if reaches_length(known, seq, self.max_model_len):
+            return "length", None
+        return None, None
+
+
+def reaches_length(num_tokens: int, seq: Sequence, max_model_len: int) -> bool:
+    """With num_tokens tokens (prompt included), seq reaches max_tokens or max_model_len."""
+    max_tokens = seq.request.params.max_tokens
+    return (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens) or num_tokens >= max_model_len
