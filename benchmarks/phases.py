@@ -33,7 +33,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import forkserve.worker.runner as runner_module
-from forkserve.api import LLM, out_of_the_collectors_sight, planning_a_batch
+from forkserve.api import LLM
+from forkserve.gc_switches import gc_frozen_for_batch, gc_off_while_planning
 from forkserve.worker.attention.cascade import CascadePlanner
 from forkserve.worker.attention.flashinfer import FlashInferBackend
 from benchmarks.profile import device_spans, idle_between_kernels, idle_per_marker, kernel_totals_ms
@@ -132,7 +133,7 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], kern
     engine = llm.engine
     workload = build(name)
     added = time.perf_counter()
-    with planning_a_batch():  # as LLM.generate validates and plans
+    with gc_off_while_planning():  # as LLM.generate validates and plans
         engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
                               SamplingParams(temperature=workload.temperature, n=r.n, max_tokens=r.max_tokens,
                                              ignore_eos=True))
@@ -212,7 +213,7 @@ def main() -> None:
                      [SamplingParams(temperature=warmup.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
                       for r in warmup.requests], use_tqdm=False)
     for name in args.workloads.split(","):
-        with out_of_the_collectors_sight(), synchronizing_calls(args.sync_debug):
+        with gc_frozen_for_batch(), synchronizing_calls(args.sync_debug):
             run_workload(llm, name, args.min_rows, [int(step) for step in args.kernels_at.split(",") if step],
                          args.kernels_steps, args.name_chars)
 

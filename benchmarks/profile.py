@@ -197,7 +197,7 @@ def main() -> None:
     for context in (int(c) for c in args.context.split(",")):
         for batch in batches:
             for cascade in args.cascade.split(","):
-                llm.engine.steps.sharing = BatchSharing(CascadeRule(), llm.engine.config.block_size) \
+                llm.engine.steps.sharing = BatchSharing(CascadeRule(), llm.engine.config.page_size) \
                     if cascade == "on" else None
                 row = profile_decode(llm, batch, context, args.steps, args.temperature, args.shared, args.group,
                                      args.host_profile)

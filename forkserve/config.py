@@ -93,6 +93,11 @@ class EngineConfig:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"invalid engine setting: load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
 
+    @property
+    def page_size(self) -> int:
+        """Tokens per KV page: vLLM's block_size, by the name the engine uses for it."""
+        return self.block_size
+
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: object) -> "EngineConfig":
         """Build from LLM(...) keyword arguments, naming any unknown one."""

@@ -190,9 +190,9 @@ def test_unknown_engine_argument(tiny_model_factory) -> None:
 
 
 def test_generate_leaves_the_garbage_collector_as_it_found_it(tiny_model_factory) -> None:
-    """A batch is validated and planned with the collector off (api.planning_a_batch), then runs
+    """A batch is validated and planned with the collector off (gc_switches.gc_off_while_planning), then runs
     with the objects alive at its start, those planning made included, frozen and full collections
-    deferred (api.out_of_the_collectors_sight): afterwards the collector is on, nothing of it stays
+    deferred (gc_switches.gc_frozen_for_batch): afterwards the collector is on, nothing of it stays
     frozen, the thresholds are back, and a caller's own freeze, or switching the collector off, is
     left in place."""
     llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype="float32")

@@ -16,7 +16,7 @@ import pytest
 from forkserve import LLM, SamplingParams
 from forkserve.engine.pages import PagePool
 from forkserve.entrypoints.batch_runner import BatchRunner
-from forkserve.engine.planner import Planner
+from forkserve.engine.planner import BatchPlanner
 from forkserve.engine.tree import common_prefix_len
 from forkserve.engine.scheduler import Scheduler
 from forkserve.engine.summary import batch_summary, step_breakdown
@@ -305,7 +305,7 @@ def test_plan_is_depth_first_and_largest_decode_ratio_first() -> None:
     prompts = [a + [9], [5] * 40, b + [3, 3], a + [4, 4, 4, 4], b + [8], a + [6]]
     max_tokens = [1, 1, 50, 40, 2, 30]
     seqs = make_seqs(prompts, max_tokens)
-    order = Planner(PrefixTree(PagePool(64, 4)), 512, min_shared_len=16).plan(seqs)
+    order = BatchPlanner(PrefixTree(PagePool(64, 4)), 512, min_shared_len=16).plan(seqs)
     # Top level keeps the batch's order (group a first seen at 0, the loner at 1, group b at 2);
     # inside a group, largest max_tokens per uncached prompt token first.
     assert [s.seq_id for s in order] == [5, 3, 0, 1, 2, 4]

@@ -16,7 +16,7 @@ from forkserve.engine.pages import PagePool
 from forkserve.engine.scheduler import ScheduledSeq, Scheduler
 from forkserve.engine.sequence import Request, Sequence, SequenceStatus
 from forkserve.engine.sharing import CascadeRule
-from forkserve.engine.stats import EngineCounters, engine_stats
+from forkserve.engine.stats import EngineCounters, engine_stats, live_metrics, request_progress
 from forkserve.engine.step_builder import StepBuilder
 from forkserve.engine.stopping import StopChecker, reaches_length
 from forkserve.engine.tree import PrefixTree
@@ -52,19 +52,19 @@ class Engine:
         self.stop_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(self.tokenizer.eos_token_id)
-        self.stops = StopChecker(self.stop_token_ids, self.max_model_len, self.outputs)
-        self.steps = StepBuilder(config.block_size, cascade_rule, self.stop_token_ids)
-        self.pool = PagePool(self.worker.num_pages, config.block_size)
+        self.steps = StepBuilder(config.page_size, cascade_rule, self.stop_token_ids)
+        self.pool = PagePool(self.worker.num_pages, config.page_size)
         self.tree = PrefixTree(self.pool, self.steps.page_copies, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
+        self.stops = StopChecker(self.stop_token_ids, self.max_model_len, self.outputs, self.scheduler)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose draws are still on the GPU
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
-                    config.model, self.worker.device, self.worker.dtype, self.pool.num_pages, config.block_size,
+                    config.model, self.worker.device, self.worker.dtype, self.pool.num_pages, config.page_size,
                     self.max_model_len)
 
     # ----------------------------------------------------------------------------- requests
@@ -158,6 +158,19 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def prioritize_cached(self) -> None:
+        """Order the waiting queue by longest cached prefix, with ageing (a server, after arrivals)."""
+        self.scheduler.prioritize_cached()
+
+    def progress(self, request_id: str) -> tuple[bool, int] | None:
+        """Whether an unfinished request has started (left the waiting queue), and its output tokens so far."""
+        request = self.requests.get(request_id)
+        return None if request is None else request_progress(request)
+
+    def metrics(self) -> dict[str, int]:
+        """Live figures for a server's /metrics: requests running and unfinished, KV pages by use."""
+        return live_metrics(self.requests.values(), self.pool, self.tree)
+
     def peek_output(self, request_id: str) -> RequestOutput | None:
         """A snapshot of an unfinished request (its samples' tokens, text and logprobs so far), for
         callers that show progress before `step` returns the final output (a streaming server
@@ -250,7 +263,7 @@ class Engine:
                 continue
             seq.num_pending -= 1
             seq.token_ids[len(seq.token_ids) - seq.num_pending - 1] = result.token_ids[row]
-            if self._took_token(seq, result, row):
+            if self.stops.took_token(seq, result, row):
                 if seq.num_pending:
                     del seq.token_ids[-seq.num_pending:]
                     seq.num_pending = 0
@@ -272,20 +285,7 @@ class Engine:
 
     def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
         seq.token_ids.append(result.token_ids[row])
-        self._took_token(seq, result, row)
-
-    def _took_token(self, seq: Sequence, result: SamplerOutput, row: int) -> bool:
-        """Account for seq's newest known token (draws still pending after it do not count); True if it ends seq."""
-        token = result.token_ids[row]
-        seq.cumulative_logprob += result.logprobs[row]
-        if seq.logprobs is not None:
-            seq.logprobs.append(self.outputs.logprob_entry(token, result, row))
-        reason, stop = self.stops.reason(seq, token)
-        if reason is None:
-            return False
-        seq.finish_reason, seq.stop_reason = reason, stop
-        self.scheduler.finish(seq, hold=seq.request.hold)
-        return True
+        self.stops.took_token(seq, result, row)
 
     def stats(self) -> dict[str, int | float]:
         """Totals since start (see `stats.engine_stats`)."""

@@ -55,7 +55,7 @@ class SharedPrefix:
         return self.source[:self.length]
 
 
-class Planner:
+class BatchPlanner:
     """Plans batches and gates admission on shared prefixes; the scheduler asks it at each step."""
 
     def __init__(self, tree: PrefixTree, max_model_len: int, min_shared_len: int = MIN_SHARED_PREFIX_LEN,

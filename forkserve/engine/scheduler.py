@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from forkserve.config import MIN_SHARED_PREFIX_LEN
-from forkserve.engine.planner import Planner
+from forkserve.engine.planner import BatchPlanner
 from forkserve.engine.sequence import Sequence, SequenceStatus
 from forkserve.engine.tree import PrefixTree
 
@@ -49,7 +49,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.reserve_output_kv = reserve_output_kv
         self.max_model_len = max_model_len
-        self.planner = Planner(tree, max_model_len, min_shared_prefix_len)
+        self.planner = BatchPlanner(tree, max_model_len, min_shared_prefix_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[Sequence, None] = {}  # finished sequences keeping their KV, oldest first

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
+from forkserve.engine.pages import PagePool
 from forkserve.engine.scheduler import ScheduledSeq, Scheduler
+from forkserve.engine.sequence import Request, SequenceStatus
+from forkserve.engine.tree import PrefixTree
 
 StepHook = Callable[[int, int], None]  # called as a step starts, with its decode rows and prefill tokens
 
@@ -58,3 +61,18 @@ def engine_stats(counters: EngineCounters, scheduler: Scheduler, kv_pages: int, 
                 peak_pages_in_use=c.peak_pages, pages_in_use=pages_in_use, steps=c.steps,
                 preemptions=scheduler.num_preemptions, pins_dropped=planner.pins_dropped,
                 kv_pages=kv_pages, **worker_stats)
+
+
+def request_progress(request: Request) -> tuple[bool, int]:
+    """Whether a request has a sequence out of the waiting queue, and its output tokens known so far."""
+    started = any(s.status is not SequenceStatus.WAITING for s in request.seqs)
+    return started, sum(len(s.token_ids) - s.num_prompt_tokens - s.num_pending for s in request.seqs)
+
+
+def live_metrics(requests: Iterable[Request], pool: PagePool, tree: PrefixTree) -> dict[str, int]:
+    """Requests running (a sequence in the batch) and unfinished; KV pages in use, of them idle cached."""
+    requests = list(requests)
+    running = sum(1 for r in requests if any(s.status is SequenceStatus.RUNNING for s in r.seqs))
+    in_use, evictable = pool.num_pages - pool.num_free, tree.num_evictable_pages
+    return dict(requests_running=running, requests_unfinished=len(requests), kv_pages_total=pool.num_pages,
+                kv_pages_in_use=in_use, kv_pages_cached_idle=evictable, kv_pages_active=in_use - evictable)

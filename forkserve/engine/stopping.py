@@ -1,17 +1,36 @@
-"""When a sequence stops: stop token ids, EOS, stop strings (on the new text only), length limits."""
+"""A sequence's newest token accounted for (logprobs), and whether it stops the sequence: stop token
+ids, EOS, stop strings (on the new text only), length limits."""
 from __future__ import annotations
 
 from forkserve.engine.output_processor import OutputProcessor
+from forkserve.engine.scheduler import Scheduler
 from forkserve.engine.sequence import Sequence
+from forkserve.worker.plan import SamplerOutput
 
 
 class StopChecker:
-    """vLLM's stop conditions for a sequence's newest known token."""
+    """Takes each new token of a sequence: its logprobs, then vLLM's stop conditions (a stopped
+    sequence is finished in the scheduler)."""
 
-    def __init__(self, stop_token_ids: set[int], max_model_len: int, outputs: OutputProcessor) -> None:
+    def __init__(self, stop_token_ids: set[int], max_model_len: int, outputs: OutputProcessor,
+                 scheduler: Scheduler) -> None:
         self.stop_token_ids = stop_token_ids  # the model's EOS ids (and the tokenizer's)
         self.max_model_len = max_model_len
         self.outputs = outputs
+        self.scheduler = scheduler
+
+    def took_token(self, seq: Sequence, result: SamplerOutput, row: int) -> bool:
+        """Account for seq's newest known token (draws still pending after it do not count); True if it ends seq."""
+        token = result.token_ids[row]
+        seq.cumulative_logprob += result.logprobs[row]
+        if seq.logprobs is not None:
+            seq.logprobs.append(self.outputs.logprob_entry(token, result, row))
+        reason, stop = self.reason(seq, token)
+        if reason is None:
+            return False
+        seq.finish_reason, seq.stop_reason = reason, stop
+        self.scheduler.finish(seq, hold=seq.request.hold)
+        return True
 
     def reason(self, seq: Sequence, token: int) -> tuple[str | None, int | str | None]:
         """vLLM's order: stop token ids, EOS, stop strings, then length limits (of the known tokens)."""

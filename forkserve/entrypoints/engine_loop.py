@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from forkserve.engine.engine import Engine, PromptInput
-from forkserve.engine.sequence import SequenceStatus
 from forkserve.outputs import RequestOutput
 from forkserve.sampling_params import SamplingParams
 
@@ -185,7 +184,7 @@ class EngineLoop:
                 for command in commands:
                     self._apply(command, events)
                 if any(command[0] == "add" for command in commands):
-                    engine.scheduler.prioritize_cached()  # arrivals: longest cached prefix first, with ageing
+                    engine.prioritize_cached()  # arrivals: longest cached prefix first, with ageing
                 started: list[str] = []
                 if engine.has_unfinished_requests():
                     for output in engine.step():
@@ -243,13 +242,13 @@ class EngineLoop:
     def _scan(self, started: list[str], events: list[StreamEvent]) -> None:
         """After a step: which requests started, and a snapshot of streaming ones that moved."""
         for request_id, stream in self._subscribers.items():
-            request = self.engine.requests.get(request_id)
-            if request is None:
+            progress = self.engine.progress(request_id)
+            if progress is None:
                 continue
-            if request_id in self._not_started and any(s.status is not SequenceStatus.WAITING for s in request.seqs):
+            has_started, tokens = progress
+            if request_id in self._not_started and has_started:
                 self._not_started.discard(request_id)
                 started.append(request_id)
-            tokens = sum(len(s.output_token_ids) for s in request.seqs)
             if tokens != self._last_tokens[request_id]:
                 self._generated += tokens - self._last_tokens[request_id]
                 self._last_tokens[request_id] = tokens
@@ -265,17 +264,9 @@ class EngineLoop:
             samples.popleft()
         span = now - samples[0][0]
         rate = (self._generated - samples[0][1]) / span if span > 0 else 0.0
-        running = sum(1 for r in engine.requests.values() if any(s.status is SequenceStatus.RUNNING for s in r.seqs))
-        in_use = engine.pool.num_pages - engine.pool.num_free
-        evictable = engine.tree.num_evictable_pages
         totals = engine.stats()
         return {
-            "requests_running": running,
-            "requests_unfinished": len(engine.requests),
-            "kv_pages_total": engine.pool.num_pages,
-            "kv_pages_in_use": in_use,
-            "kv_pages_cached_idle": evictable,
-            "kv_pages_active": in_use - evictable,
+            **engine.metrics(),
             "prompt_tokens": self._prompt_tokens,
             "cached_prompt_tokens": self._cached_tokens,
             "prefix_cache_hit_rate": self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,

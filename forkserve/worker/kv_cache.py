@@ -31,8 +31,18 @@ class KVCache:
         return 2 * num_layers * page_size * num_kv_heads * head_dim * element
 
     def copy_pages(self, copies: np.ndarray) -> None:
-        """Run a step's page copies ([N, 2] int32 rows of source, destination: forks' partly
-        filled last pages) with one pinned, non-blocking index copy, before the step's writes."""
-        index = to_device(np.ascontiguousarray(copies.T, dtype=np.int64), self.k.device)
-        self.k[:, index[1]] = self.k[:, index[0]]
-        self.v[:, index[1]] = self.v[:, index[0]]
+        """Run a step's page copies ([N, 2] int32 rows of source, destination: forks' partly filled
+        last pages), in order, before the step writes any KV: one pinned, non-blocking index copy
+        per run of copies in which none reads or rewrites a page an earlier one of the run wrote
+        (nearly always one run)."""
+        pairs, start = copies.tolist(), 0
+        while start < len(pairs):
+            written: set[int] = set()
+            end = start
+            while end < len(pairs) and pairs[end][0] not in written and pairs[end][1] not in written:
+                written.add(pairs[end][1])
+                end += 1
+            index = to_device(np.ascontiguousarray(copies[start:end].T, dtype=np.int64), self.k.device)
+            self.k[:, index[1]] = self.k[:, index[0]]
+            self.v[:, index[1]] = self.v[:, index[0]]
+            start = end

@@ -75,7 +75,7 @@ class Worker:
     # ----------------------------------------------------------------------------- set-up
     def _make_kv_cache(self, sampler: Sampler) -> KVCache:
         mc, cfg = self.model_config, self.config
-        page_bytes = KVCache.bytes_per_page(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, self.dtype)
+        page_bytes = KVCache.bytes_per_page(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, self.dtype)
         if cfg.num_gpu_blocks_override is not None:
             num_pages = cfg.num_gpu_blocks_override
         elif cfg.kv_cache_memory_bytes is not None:
@@ -84,11 +84,11 @@ class Worker:
             num_pages = self._pool_bytes_left(sampler) // page_bytes - 1  # less the scratch page
         else:
             num_pages = DEFAULT_CPU_KV_CACHE_BYTES // page_bytes
-        if num_pages * cfg.block_size < self.max_model_len:
+        if num_pages * cfg.page_size < self.max_model_len:
             raise ValueError(
-                f"the KV pool ({num_pages} pages of {cfg.block_size} tokens) cannot hold one sequence of "
+                f"the KV pool ({num_pages} pages of {cfg.page_size} tokens) cannot hold one sequence of "
                 f"max_model_len={self.max_model_len} tokens: lower max_model_len or give the pool more pages")
-        return KVCache(num_pages, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
+        return KVCache(num_pages, cfg.page_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
                        self.dtype, self.device)
 
     def _pool_bytes_left(self, sampler: Sampler) -> int:
@@ -131,7 +131,7 @@ class Worker:
 
     @property
     def _max_pages_per_seq(self) -> int:
-        return -(-self.max_model_len // self.config.block_size)
+        return -(-self.max_model_len // self.config.page_size)
 
     def _uses_graphs(self) -> bool:
         """Decode steps replay CUDA graphs with FlashInfer on a GPU, unless enforce_eager."""

@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from cpu_llm import cpu_llm
 from forkserve import SamplingParams
 from hf_oracle import assert_matches_hf, hf_model
-from test_audit_model import variant
+from test_checkpoints import variant
 
 MAX_NEW = 20
 
