@@ -15,6 +15,8 @@ from forkserve.attention.base import AttentionMetadata
 from forkserve.attention.cascade import CascadePlanner, CascadeRule, plan_cascade
 from forkserve.attention.reference import ReferenceBackend
 from forkserve.engine.pages import KVCache
+from forkserve.model import moe
+from moe_routing import routing_case
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -210,15 +212,59 @@ def test_gpu_sampling_kernels() -> None:
         assert torch.allclose(logprobs, torch.log_softmax(spread, dim=-1)[tokens], atol=1e-4)
 
 
+MOE_CASES = [  # (routing, tokens): Qwen3-30B-A3B's expert shapes; decode-sized to prefill-chunk-sized
+    ("random", 1), ("random", 64), ("random", 1000), ("random", 4096),
+    ("few_experts_only", 300), ("one_expert_gets_all", 2000),
+]
+
+
+@pytest.mark.parametrize("case, tokens", MOE_CASES, ids=[f"{c}-T{t}" for c, t in MOE_CASES])
+def test_fused_moe_matches_reference(case: str, tokens: int) -> None:
+    """The Triton MoE (routing kernel, sort by expert, grouped GEMMs) against the pure-torch
+    reference in bf16; then the same block captured in a CUDA graph and replayed on other routing."""
+    from forkserve.kernels import moe as kernels
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    num_experts, top_k, hidden, intermediate = 128, 8, 2048, 768
+    generator = torch.Generator().manual_seed(tokens)
+    w13 = (torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) / hidden ** 0.5).to(device, dtype)
+    w2 = (torch.randn(num_experts, hidden, intermediate, generator=generator) / intermediate ** 0.5).to(device, dtype)
+    x = torch.randn(tokens, hidden, generator=generator).to(device, dtype)
+    experts = routing_case(case, tokens, num_experts, top_k, generator).to(device, torch.int32)
+    weights = torch.rand(tokens, top_k, generator=generator).to(device)
+    expected = moe.reference_moe(x, w13, w2, weights, experts)
+    got = kernels.fused_moe(x, w13, w2, weights, experts)
+    assert relative_error(got, expected) < 1e-2, relative_error(got, expected)
+
+    logits = torch.randn(tokens, num_experts, device=device)  # fp32: bf16 logits tie often, and ties may go either way
+    routed = kernels.route(logits, top_k, True)
+    reference_routed = moe.route(logits, top_k, True)
+    assert torch.equal(routed[1], reference_routed[1]) and torch.allclose(routed[0], reference_routed[0], atol=1e-6)
+
+    out = torch.empty_like(x)
+    kernels.fused_moe(x, w13, w2, weights, experts, out)  # compiled before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.fused_moe(x, w13, w2, weights, experts, out)
+    experts.copy_(routing_case("random", tokens, num_experts, top_k, generator).to(device, torch.int32))
+    graph.replay()
+    rerouted = moe.reference_moe(x, w13, w2, weights, experts)
+    assert relative_error(out, rerouted) < 1e-2
+
+
 NEAR_TIE = 2e-2  # fp16 logits: closer top-2 candidates may legitimately swap between kernels
 
 
 @pytest.mark.parametrize("family,cascade,tensor_cores", [("llama", False, False), ("qwen3", False, True),
-                                                        ("llama", True, False)])
-def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, cascade: bool, tensor_cores: bool) -> None:
+                                                        ("llama", True, False), ("qwen3_moe", False, False),
+                                                        ("mixtral", True, False)])
+def test_gpu_greedy_equals_reference_path(tiny_model_factory, monkeypatch, family: str, cascade: bool,  # noqa: ANN001
+                                          tensor_cores: bool) -> None:
     """Same greedy tokens through FlashInfer + CUDA graphs (+ cascade levels, forced on prompts
     sharing a system prompt; the tensor-core decode kernel forced, or the CUDA-core one these
-    short sequences get) as through the reference backend with plain attention (fp16).
+    short sequences get; the Triton MoE for the MoE families) as through the reference backend
+    with plain attention and the pure-torch MoE (fp16).
 
     A sequence is compared up to the first step where the reference's two best logprobs are
     within NEAR_TIE (a tie either path may break either way); every sequence must agree that far.
@@ -250,6 +296,7 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
     assert (llm.engine.stats()["cascade_steps"] > 0) == cascade
     assert (max(replayed_levels) > 0) == cascade, "decode steps with shared levels never replayed a graph"
     assert replayed_kernels == {tensor_cores}
+    monkeypatch.setattr(moe, "gpu_kernels", lambda name, x: None)  # the MoE block's reference path
     ref = LLM(model, attention_backend="reference", enforce_eager=True, disable_cascade_attn=True,
               **common).generate(prompts, params, use_tqdm=False)
     compared = 0

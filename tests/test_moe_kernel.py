@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+from forkserve.model import moe
 from forkserve.model.moe import reference_moe, route
+from moe_routing import routing_case
 
 if torch.cuda.is_available():
     pytest.skip("on a GPU the compiled kernels are checked (tests/test_gpu.py)", allow_module_level=True)
@@ -34,23 +36,11 @@ def _patch_index(tensor: type, scope: object) -> None:
 interpreter._patch_lang_tensor = _patch_index
 
 
-def routing_case(case: str, tokens: int, num_experts: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """Expert ids [T, k] (distinct per token): random; only two experts used; expert 3 in every token's choices."""
-    if case == "random":
-        return torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
-    if case == "two_experts_only":
-        assert top_k == 2
-        return torch.tensor([[1, 5] if t % 2 else [5, 1] for t in range(tokens)])
-    others = torch.tensor([e for e in range(num_experts) if e != 3])
-    return torch.stack([torch.cat([torch.tensor([3]), others[torch.randperm(len(others), generator=generator)[:top_k - 1]]])
-                        for _ in range(tokens)])
-
-
 CASES = [  # (routing, tokens, experts, top_k, hidden, intermediate): 16-, 32- and 64-row tiles, E not a power of 2
     ("random", 5, 8, 2, 64, 32),
     ("random", 40, 6, 3, 48, 40),
     ("random", 150, 4, 2, 64, 32),
-    ("two_experts_only", 23, 8, 2, 64, 32),
+    ("few_experts_only", 23, 8, 2, 64, 32),
     ("one_expert_gets_all", 70, 8, 2, 64, 32),
 ]
 
@@ -88,3 +78,20 @@ def test_route_matches_reference(renormalise: bool) -> None:
     expected_weights, expected_experts = route(logits, 3, renormalise)
     assert torch.equal(experts, expected_experts)
     assert torch.allclose(weights, expected_weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_sparse_moe_block_through_the_kernels(monkeypatch: pytest.MonkeyPatch, renormalise: bool) -> None:
+    """The model's block takes the kernels' path where they apply (on CUDA; here forced), into a
+    given output as the chunked MLP passes one, and gives the reference path's result."""
+    block = moe.SparseMoE(64, 32, 8, 2, renormalise, torch.float32, "cpu")
+    generator = torch.Generator().manual_seed(2)
+    for param in block.parameters():
+        param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    x = torch.randn(37, 64, generator=generator)
+    expected = block(x)
+    calls = []
+    monkeypatch.setattr(moe, "gpu_kernels", lambda name, tensor: calls.append(name) or kernels)
+    out = torch.empty(40, 64)
+    assert block(x, out=out[:37]).data_ptr() == out.data_ptr()
+    assert calls == ["moe"] and torch.allclose(out[:37], expected, rtol=1e-4, atol=1e-5)

@@ -165,7 +165,10 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_experts_ptr
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
     entries = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = entries < num_entries
-    a_rows = (entries // TOP_K if GATE_UP else entries).to(tl.int64)
+    if GATE_UP:
+        a_rows = (entries // TOP_K).to(tl.int64)
+    else:
+        a_rows = entries.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inner = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + inner[None, :]
