@@ -224,9 +224,9 @@ def _expert_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids
     tiles = _tiles(block_m, n_out, k_in, gate_up)
     num_m_blocks = block_experts.numel()
     grid = (num_m_blocks * triton.cdiv(n_out, tiles["BLOCK_N"]),)
-    _expert_gemm_kernel[grid](a, w, out, sorted_ids, block_experts, num_padded, weights, out.shape[0], n_out, k_in, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                              num_m_blocks, TOP_K=top_k, GATE_UP=gate_up, IEEE=a.dtype == torch.float32,
-                              num_stages=3, **tiles)
+    _expert_gemm_kernel[grid](a, w, out, sorted_ids, block_experts, num_padded, weights, out.shape[0], n_out, k_in,
+                              a.stride(0), w.stride(0), w.stride(1), out.stride(0), num_m_blocks, TOP_K=top_k,
+                              GATE_UP=gate_up, IEEE=a.dtype == torch.float32, num_stages=3, **tiles)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
