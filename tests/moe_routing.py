@@ -12,5 +12,5 @@ def routing_case(case: str, tokens: int, num_experts: int, top_k: int, generator
         pool = list(range(1, num_experts, max(1, num_experts // (top_k + 1))))[:top_k + 1]
         return torch.tensor([[pool[(t + j) % len(pool)] for j in range(top_k)] for t in range(tokens)])
     others = torch.tensor([e for e in range(num_experts) if e != 3])
-    return torch.stack([torch.cat([torch.tensor([3]), others[torch.randperm(len(others), generator=generator)[:top_k - 1]]])
-                        for _ in range(tokens)])
+    picks = [others[torch.randperm(len(others), generator=generator)[:top_k - 1]] for _ in range(tokens)]
+    return torch.stack([torch.cat([torch.tensor([3]), pick]) for pick in picks])

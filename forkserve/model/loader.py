@@ -57,7 +57,8 @@ def _destination(model: LlamaForCausalLM, params: dict[str, torch.Tensor], name:
         return None
     prefix, inner, kind = f"layers.{parts[2]}.", ".".join(parts[3:-1]), parts[-1]
     moe = model.config.family.moe
-    if moe is not None and parts[2].isdigit() and int(parts[2]) in model.config.moe_layers and inner.startswith(moe.block + "."):
+    sparse = moe is not None and parts[2].isdigit() and int(parts[2]) in model.config.moe_layers
+    if sparse and inner.startswith(moe.block + "."):
         return _expert_destination(model.config, params, prefix, inner.removeprefix(moe.block + "."), kind)
     if inner in _FUSED:
         fused, shard = _FUSED[inner]
