@@ -14,7 +14,7 @@ from forkserve.engine.pages import KVCache
 from forkserve.engine.scheduler import ScheduledSeq
 from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws
 from forkserve.model.llama import LlamaForCausalLM
-from forkserve.sampler import Draws, SamplerOutput, SamplingRow
+from forkserve.sampler import Draws, SamplerOutput, SamplingRow, TokenBitmask
 from forkserve.transfer import to_device
 
 PLACEHOLDER = -1  # token id of a draw still on the GPU; the next step reads it from there
@@ -98,10 +98,12 @@ class ModelRunner:
         self.cascade_steps = 0
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], draws: list[DrawRequest]) -> StepDraws | None:
-        """Run one step and wait for its draws; `draws` are, in batch order, those of the sequences that sample."""
+    def execute(self, batch: list[ScheduledSeq], draws: list[DrawRequest],
+                bitmask: TokenBitmask | None = None) -> StepDraws | None:
+        """Run one step and wait for its draws; `draws` are, in batch order, those of the sequences
+        that sample, and `bitmask` the allowed tokens of its constrained draw rows."""
         logits = self._forward(batch, None)
-        return None if logits is None else self.sampler(logits, draws)
+        return None if logits is None else self.sampler(logits, draws, bitmask)
 
     @torch.inference_mode()
     def launch(self, batch: list[ScheduledSeq], rows: list[SamplingRow], previous: LaunchedStep | None) -> LaunchedStep:
