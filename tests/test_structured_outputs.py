@@ -18,6 +18,7 @@ pytest.importorskip("xgrammar")
 from forkserve import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 from forkserve.cli import main  # noqa: E402
 from forkserve.entrypoints.openai_protocol import OpenAIError, parse_request  # noqa: E402
+from forkserve.structured.matcher import GrammarState  # noqa: E402
 from cpu_llm import cpu_llm  # noqa: E402
 
 MAX_TOKENS = 64  # every valid object of the schemas below fits well inside this
@@ -132,6 +133,29 @@ def test_fifty_constrained_requests_validate_in_a_mixed_batch(llm: LLM) -> None:
         prompt, params = batch[i]
         alone = llm.generate(prompt, params, use_tqdm=False)[0]
         assert alone.outputs[0].token_ids == outputs[i].outputs[0].token_ids
+
+
+def test_masks_filled_a_step_ahead_match_sync(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Async scheduling fills a step's masks while its forward runs, taking the previous step's
+    tokens early: the outputs equal those of steps that wait for their tokens, also when a pool
+    too small for the batch preempts sequences (recomputed, their grammar state kept)."""
+    early: list[int] = []
+    accept_early = GrammarState.accept_early
+    monkeypatch.setattr(GrammarState, "accept_early", lambda self, token: (early.append(token),
+                                                                          accept_early(self, token)))
+    batch = constrained_batch()[::6]
+    outputs = {}
+    for async_scheduling in (False, True):
+        llm = cpu_llm(model_dir, num_gpu_blocks_override=40, async_scheduling=async_scheduling,
+                      reserve_output_kv=False, max_model_len=80)
+        outputs[async_scheduling] = llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert bool(early) == async_scheduling
+    for (_, params), sync_out, async_out in zip(batch, outputs[False], outputs[True]):
+        for a, b in zip(sync_out.outputs, async_out.outputs):
+            assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+            if params.structured_outputs is not None:
+                check_output(params.structured_outputs, b.text)
 
 
 def test_grammar_json_object_and_finish_reasons(llm: LLM) -> None:

@@ -437,7 +437,11 @@ class Engine:
         if overlap:
             previous = self._in_flight
             rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
-            launched = self.runner.launch(batch, rows, previous.launched if previous else None)
+            bitmask = None
+            if self._grammars is not None and any(seq.grammar is not None for seq in samplers):
+                def bitmask() -> TokenBitmask | None:
+                    return self._launched_bitmask(samplers, previous)
+            launched = self.runner.launch(batch, rows, previous.launched if previous else None, bitmask)
             self._advance(batch)
             max_model_len = self.max_model_len
             for row, seq in enumerate(samplers):
@@ -523,13 +527,28 @@ class Engine:
         seeds = [seq.seed] + [request.sample_seed(i) for i in request.pending_forks(seq)]
         return DrawRequest([self._sampling_row(seq, seed) for seed in seeds])
 
-    def _token_bitmask(self, samplers: list[Sequence], draws: list[DrawRequest]) -> TokenBitmask | None:
-        """The allowed tokens of the step's constrained draw rows (None, and no work, without any).
+    def _launched_bitmask(self, samplers: list[Sequence], previous: InFlightStep | None) -> TokenBitmask | None:
+        """The token mask of a step queued ahead (async scheduling), one row per sequence, filled
+        while the GPU runs its forward: a constrained sequence whose newest token the previous
+        step draws waits for that step's tokens (done before this forward is) and takes its token
+        early. Rows whose grammar is complete (their token will be dropped) draw freely."""
+        constrained = [(row, seq) for row, seq in enumerate(samplers) if seq.grammar is not None]
+        if previous is not None and any(seq.num_pending for _, seq in constrained):
+            tokens = previous.launched.result().token_ids
+            for _, seq in constrained:
+                if seq.num_pending:
+                    seq.grammar.accept_early(tokens[seq.pending_row])
+        rows = [row for row, seq in constrained if seq.grammar.open]
+        if not rows:
+            return None
+        words = self.grammars.bitmask(len(samplers))
+        self.grammars.fill_bitmask([samplers[row].grammar for row in rows], words, rows)
+        return TokenBitmask(words, rows)
 
-        Filled on the host once the previous step's tokens are accepted (constrained requests
-        never run a step ahead, see `Request.needs_tokens_at_once`); a sequence that forks here
-        gives each of its draw rows its own mask.
-        """
+    def _token_bitmask(self, samplers: list[Sequence], draws: list[DrawRequest]) -> TokenBitmask | None:
+        """The allowed tokens of the step's constrained draw rows (None, and no work, without any),
+        for a step that waits for its draws (its sequences' tokens are all known); a sequence
+        that forks here gives each of its draw rows its own mask."""
         constrained = [i for i, seq in enumerate(samplers) if seq.grammar is not None and draws[i].rows]
         if not constrained:
             return None

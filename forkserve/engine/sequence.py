@@ -89,14 +89,14 @@ class Request:
     num_samples: int = 1
     hold: bool = False  # finished sequences keep their KV (tree search: they are forked later)
     grammar: Future | None = None  # structured outputs: the compiled grammar (Grammars.submit)
-    # Its draws feed the host's next decision (penalties, search, a grammar's next mask): no async
-    # scheduling. Fixed at creation (its params are), and read for every sampling row of every step.
+    # Its draws feed the host's next decision (penalties, search): no async scheduling. Fixed at
+    # creation (its params are), and read for every sampling row of every step.
     needs_tokens_at_once: bool = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
         self.needs_tokens_at_once = self.hold or p.repetition_penalty != 1.0 or bool(p.frequency_penalty) \
-            or bool(p.presence_penalty) or p.structured_outputs is not None
+            or bool(p.presence_penalty)
 
     @property
     def is_finished(self) -> bool:
