@@ -54,7 +54,8 @@ class Grammars:
         self._compiled: dict[tuple[str, str, bool], Future] = {}
         self._filler = xgr.BatchGrammarMatcher()
         self._pin_bitmask = pin_bitmask
-        self._bitmask = xgr.allocate_token_bitmask(0, vocab_size)
+        self._bitmasks = [xgr.allocate_token_bitmask(0, vocab_size) for _ in range(2)]
+        self._steps = 0
 
     def check(self, spec: StructuredOutputsParams) -> None:
         """Parse the constraint (cached); a ValueError naming its field if it is invalid."""
@@ -90,13 +91,19 @@ class Grammars:
         return future
 
     def bitmask(self, rows: int) -> torch.Tensor:
-        """A [rows, ceil(vocab / 32)] int32 host bitmask (32 tokens a word) for one step, reused from
-        step to step (a constrained step waits for its draws, so the previous copy has run). Rows
-        keep old masks: only the rows a step fills are read."""
-        if self._bitmask.shape[0] < rows:
-            words = self._xgr.allocate_token_bitmask(max(rows, 2 * self._bitmask.shape[0]), self.vocab_size)
-            self._bitmask = words.pin_memory() if self._pin_bitmask else words
-        return self._bitmask[:rows]
+        """A [rows, ceil(vocab / 32)] int32 host bitmask (32 tokens a word) for one step. Two buffers
+        serve alternate steps: a step's copy to the GPU may still be queued while the next step
+        (queued ahead) fills its mask, and the engine has read that step's draws, so its copy has
+        run, before the step after fills the same buffer again. Rows keep old masks: only the rows
+        a step fills are read."""
+        index = self._steps % 2
+        self._steps += 1
+        if self._bitmasks[index].shape[0] < rows:
+            with torch.inference_mode(False):  # a step may ask inside the runner's inference mode; copies write it outside
+                words = self._xgr.allocate_token_bitmask(max(rows, 2 * self._bitmasks[index].shape[0]),
+                                                         self.vocab_size)
+                self._bitmasks[index] = words.pin_memory() if self._pin_bitmask else words
+        return self._bitmasks[index][:rows]
 
     def fill_bitmask(self, states: Sequence[GrammarState], bitmask: torch.Tensor, rows: list[int]) -> None:
         """Write states[i]'s allowed next tokens into bitmask row rows[i], the rows in xgrammar's
