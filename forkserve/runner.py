@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from forkserve.engine.pages import KVCache
 from forkserve.engine.scheduler import ScheduledSeq
 from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws
 from forkserve.model.llama import LlamaForCausalLM
-from forkserve.sampler import Draws, SamplerOutput, SamplingRow
+from forkserve.sampler import Draws, SamplerOutput, SamplingRow, TokenBitmask
 from forkserve.transfer import to_device
 
 PLACEHOLDER = -1  # token id of a draw still on the GPU; the next step reads it from there
@@ -71,9 +72,13 @@ class LaunchedStep:
 
     tokens: torch.Tensor  # drawn token per sampling row, on the device: the next step's inputs
     draws: Draws  # host copies in flight
+    output: SamplerOutput | None = None  # the draws on the host, once read
 
     def result(self) -> SamplerOutput:
-        return self.draws.to_host()
+        """The draws on the host (waits for them the first time; a step's mask may read them early)."""
+        if self.output is None:
+            self.output = self.draws.to_host()
+        return self.output
 
 
 class ModelRunner:
@@ -98,21 +103,26 @@ class ModelRunner:
         self.cascade_steps = 0
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], draws: list[DrawRequest]) -> StepDraws | None:
-        """Run one step and wait for its draws; `draws` are, in batch order, those of the sequences that sample."""
+    def execute(self, batch: list[ScheduledSeq], draws: list[DrawRequest],
+                bitmask: TokenBitmask | None = None) -> StepDraws | None:
+        """Run one step and wait for its draws; `draws` are, in batch order, those of the sequences
+        that sample, and `bitmask` the allowed tokens of its constrained draw rows."""
         logits = self._forward(batch, None)
-        return None if logits is None else self.sampler(logits, draws)
+        return None if logits is None else self.sampler(logits, draws, bitmask)
 
     @torch.inference_mode()
-    def launch(self, batch: list[ScheduledSeq], rows: list[SamplingRow], previous: LaunchedStep | None) -> LaunchedStep:
+    def launch(self, batch: list[ScheduledSeq], rows: list[SamplingRow], previous: LaunchedStep | None,
+               bitmask: Callable[[], TokenBitmask | None] | None = None) -> LaunchedStep:
         """Queue one step of plain draws (one row per sampling sequence) without waiting for it.
 
         A sequence whose last token is a PLACEHOLDER takes it from `previous` (row
-        `seq.pending_row`), on the device.
+        `seq.pending_row`), on the device. `bitmask` (structured outputs) is called once the
+        forward is queued: the host fills the step's token mask, which may need `previous`'s
+        tokens, while the GPU computes; the draws are queued after it.
         """
         logits = self._forward(batch, previous)
         assert logits is not None, "a launched step must sample"
-        draws = self.sampler.sampler.draw(logits, rows)
+        draws = self.sampler.sampler.draw(logits, rows, bitmask() if bitmask is not None else None)
         return LaunchedStep(draws.tokens, draws.copy_to_host())
 
     def _forward(self, batch: list[ScheduledSeq], previous: LaunchedStep | None) -> torch.Tensor | None:

@@ -1,4 +1,8 @@
-"""Logits to tokens: penalties, temperature, min-p, top-k, top-p, seeded draws, logprobs.
+"""Logits to tokens: token masks, penalties, temperature, min-p, top-k, top-p, seeded draws, logprobs.
+
+A `TokenBitmask` (structured outputs) masks its rows' disallowed tokens to -inf first, on the
+logits' device for the whole step in one call, so every later stage (and the logprobs) sees
+only the allowed tokens, as in vLLM.
 
 Draws use the exponential race, ``argmax(probs / E)`` with ``E = -log(U)``. For a seeded row,
 U is a counter-based hash of (seed, step, token id), so a seeded request draws the same tokens
@@ -41,6 +45,29 @@ class SamplingRow:
     @property
     def output_token_ids(self) -> Sequence[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed tokens of a step's constrained rows: bit t of `words[row]` (32 tokens a word, int32,
+    on the host, pinned when the logits are on a GPU) set when token t may be drawn. Only `rows`
+    are read; the others draw freely."""
+
+    words: torch.Tensor  # [rows of the step, ceil(vocab / 32)]
+    rows: list[int]
+
+    def slice(self, start: int, stop: int) -> TokenBitmask | None:
+        """The part for draw rows [start, stop), renumbered from 0 (None if none of them is constrained)."""
+        rows = [row - start for row in self.rows if start <= row < stop]
+        return TokenBitmask(self.words[start:stop], rows) if rows else None
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the disallowed logits of the constrained rows to -inf, in place, on logits' device
+        (xgrammar's kernel: Triton / CUDA on a GPU, torch on the CPU)."""
+        from xgrammar import apply_token_bitmask_inplace
+
+        words = self.words if logits.device.type == "cpu" else self.words.to(logits.device, non_blocking=True)
+        apply_token_bitmask_inplace(logits, words, vocab_size=logits.shape[-1], indices=self.rows)
 
 
 @dataclass
@@ -157,11 +184,15 @@ class Sampler:
             self.generator.manual_seed(seed)
         self._philox = random.Random(seed)  # seeds of the GPU kernel's draws, chosen without a device sync
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        return self.draw(logits, rows).to_host()
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 bitmask: TokenBitmask | None = None) -> SamplerOutput:
+        return self.draw(logits, rows, bitmask).to_host()
 
-    def draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> Draws:
-        """The step's draws as device tensors; nothing here waits for the GPU."""
+    def draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow], bitmask: TokenBitmask | None = None) -> Draws:
+        """The step's draws as device tensors; nothing here waits for the GPU. `bitmask` is applied
+        to `logits` in place."""
+        if bitmask is not None:
+            bitmask.apply(logits)
         kernels = gpu_kernels("sampling", logits)
         if kernels is not None and all(_is_plain(r) for r in rows):
             temperatures = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],

@@ -6,6 +6,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from forkserve.structured.params import StructuredOutputsParams
+
 _GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily
 MAX_LOGPROBS = 20
 
@@ -32,6 +34,9 @@ class SamplingParams:
     a request's tokens do not depend on what shares its batch). best_of > n draws best_of
     samples (seeds s .. s + best_of - 1) and returns the n of highest cumulative logprob, best
     first, re-indexed 0..n-1. The engine caps n and best_of at its `max_n` setting.
+
+    structured_outputs (a `StructuredOutputsParams`) constrains the output to a JSON schema,
+    regex, choice or grammar; each sample keeps its own position in the grammar.
     """
 
     n: int = 1
@@ -53,6 +58,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         defaults = _field_defaults()
@@ -135,6 +141,9 @@ class SamplingParams:
             raise _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
         if self.prompt_logprobs is not None:
             raise _fail("prompt_logprobs", "is not supported yet", self.prompt_logprobs)
+        if values["structured_outputs"] is not None and not isinstance(values["structured_outputs"],
+                                                                       StructuredOutputsParams):
+            raise _fail("structured_outputs", "must be a StructuredOutputsParams", values["structured_outputs"])
         self.stop = self._stop_list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []

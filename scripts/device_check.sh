@@ -13,7 +13,10 @@
 # qwen3-30b-a3b (a mixture of experts), e.g. MODEL_SHAPE=qwen3-30b-a3b bash scripts/device_check.sh bench:samples:both
 # e.g. bash scripts/device_check.sh tests "profile:--batch 1024 --context 2100 --shared 2000 --cascade on,off" \
 #        bench:nosharing,sharedprefix,samples:both
-# Needs (carried, ignored): .wheels/ (flashinfer-python + its missing deps), .shared/ (a copy of
+#      bash scripts/device_check.sh tests:structured bench:extraction,extractionfree:both   (structured outputs:
+#        apart from the other workloads, since with a tokenizer in the model directory both engines load it)
+# Needs (carried, ignored): .wheels/ (flashinfer-python + its missing deps; for structured outputs xgrammar
+# >= 0.2.7 with apache-tvm-ffi and pydantic (+ pydantic-core), and jsonschema with its deps for the tests), .shared/ (a copy of
 # ../shared/bench), and optionally .fi-cache/ (FlashInfer + Triton JIT output from an earlier run,
 # saved again under $OUT at the end). vLLM runs only where /tmp/vsite holds it (../shared/device/README.md).
 set -uo pipefail

@@ -359,3 +359,30 @@ def test_profiled_step_peak_covers_every_step(wide_vocab_model: str) -> None:
     rise = torch.cuda.max_memory_allocated() - before
     assert rise <= llm.engine.step_memory.eager_peak, \
         f"steps rose {rise / 2**20:.0f} MiB, the profile measured {llm.engine.step_memory.eager_peak / 2**20:.0f}"
+
+
+def test_structured_outputs_on_the_gpu(tiny_model_factory) -> None:
+    """Token masks applied to the GPU's logits (xgrammar's kernel, bf16) before the general sampler
+    (seeded rows) and the Triton kernels (unseeded plain rows), through CUDA graphs, with masks
+    filled a step ahead (async scheduling) and after each step's draws: every constrained output
+    validates. (That both fillings give the same tokens is checked on the CPU in fp32: here a batch
+    that differs by a row changes bf16 logits in their last bits.)"""
+    pytest.importorskip("xgrammar")
+    pytest.importorskip("jsonschema")
+    from test_structured_outputs import check_output, constrained_batch, grammar_text
+
+    model = str(tiny_model_factory("llama", head_dim=64))
+    batch = constrained_batch()
+    prompts = [p for p, _ in batch]
+    seeded = [s for _, s in batch]
+    common = dict(device="cuda", dtype="bfloat16", max_model_len=512, num_gpu_blocks_override=512, max_num_seqs=64)
+    for async_scheduling in (True, False):
+        llm = LLM(model, async_scheduling=async_scheduling, **common)
+        for params in (seeded, [s.replace(seed=None) for s in seeded]):
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            for p, out in zip(params, outputs):
+                assert len(out.outputs) == p.n
+                for completion in out.outputs:
+                    if p.structured_outputs is not None:
+                        assert completion.finish_reason == "stop", completion.text
+                        check_output(p.structured_outputs, grammar_text(llm, completion.token_ids))

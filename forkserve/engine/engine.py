@@ -5,6 +5,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
 
@@ -27,8 +28,10 @@ from forkserve.model.loader import load_model
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
 from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
 from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
+from forkserve.sampler import Sampler, SamplerOutput, SamplingRow, TokenBitmask
 from forkserve.sampling_params import SamplingParams
+from forkserve.structured.grammars import Grammars
+from forkserve.structured.matcher import GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Engine:
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose draws are still on the GPU
+        self._grammars: Grammars | None = None  # structured outputs: made at the first constrained request
+        self._compiling: list[Request] = []  # constrained requests whose grammar is still compiling, in order
         self.stop_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(self.tokenizer.eos_token_id)
@@ -200,7 +205,26 @@ class Engine:
             raise ValueError(f"{label}: logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}")
         for name in ("n", "best_of"):
             self.check_width(getattr(params, name), name, label)
+        if params.structured_outputs is not None:
+            try:
+                self.grammars.check(params.structured_outputs)
+            except ValueError as err:
+                raise ValueError(f"{label}: {err}") from None
         return params
+
+    @property
+    def grammars(self) -> Grammars:
+        """The structured-output grammars (xgrammar over the tokenizer's vocabulary, padded to the model's)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("invalid StructuredOutputsParams: structured outputs need a tokenizer "
+                                 "(skip_tokenizer_init is set)")
+            try:
+                self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.stop_token_ids,
+                                          self.device.type == "cuda")
+            except ImportError as err:
+                raise ValueError(f"invalid StructuredOutputsParams: {err}") from None
+        return self._grammars
 
     def check_width(self, value: int | None, name: str, label: str) -> None:
         """Samples, beams and fork widths are capped by max_n (each one is a sequence to run)."""
@@ -221,10 +245,48 @@ class Engine:
             seen.add(request_id)
         requests = [self.new_request(request_id, prompt, params, max(params.n, params.best_of or 1))
                     for request_id, prompt, params in batch]
-        self.scheduler.add_batch([request.seqs[0] for request in requests])
+        ready = []
         for request in requests:
             self.requests[request.request_id] = request
+            spec = request.params.structured_outputs
+            if spec is None:
+                ready.append(request)
+                continue
+            request.grammar = self.grammars.submit(spec)
+            (self._compiling if not request.grammar.done() else ready).append(request)
+        self._enqueue(ready)
         return requests
+
+    def _enqueue(self, requests: list[Request]) -> None:
+        """Queue requests as one planned batch, each constrained one at the start of its grammar."""
+        for request in requests:
+            if request.grammar is not None:
+                request.seqs[0].grammar = GrammarState.start(request.grammar)
+        self.scheduler.add_batch([request.seqs[0] for request in requests])
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the waiting requests whose grammars have compiled, as one batch; if nothing else
+        can run meanwhile, wait for the first compile rather than spin. A grammar that failed to
+        compile ends its request with finish_reason "abort" (its error logged); the rest run."""
+        if not self.scheduler.has_work() and self._in_flight is None:
+            wait([request.grammar for request in self._compiling], return_when=FIRST_COMPLETED)
+        done = [request for request in self._compiling if request.grammar.done()]
+        if not done:
+            return []
+        self._compiling = [request for request in self._compiling if not request.grammar.done()]
+        failed = [request for request in done if request.grammar.exception() is not None]
+        for request in failed:
+            logger.error("request %s: its grammar failed to compile: %s", request.request_id,
+                         request.grammar.exception())
+            self._drop_uncompiled(request)
+        self._enqueue([request for request in done if request.grammar.exception() is None])
+        return self._finished_outputs([request.seqs[0] for request in failed])
+
+    @staticmethod
+    def _drop_uncompiled(request: Request) -> None:
+        """End a request that never reached the scheduler (its grammar did not compile, or it was aborted)."""
+        seq = request.seqs[0]
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
 
     def new_request(self, request_id: str, prompt: PromptInput, params: SamplingParams, num_samples: int = 1,
                     hold: bool = False) -> Request:
@@ -262,6 +324,7 @@ class Engine:
                 child.logprobs = None if parent.logprobs is None else list(parent.logprobs)
             elif request.params.logprobs is not None:
                 child.logprobs = []
+            child.grammar = self._child_grammar(parent, request)
             request.seqs.append(child)
             children.append(child)
         fork_kv(self.scheduler, parent, children)
@@ -272,6 +335,20 @@ class Engine:
             else:
                 self.scheduler.add(child)
         return children
+
+    def _child_grammar(self, parent: Sequence, request: Request) -> GrammarState | None:
+        """A fork continues its parent's grammar position when it keeps the parent's constraint
+        (samples, and tree-search forks with the same structured_outputs); a fork under another
+        constraint starts that one afresh (compiled now if needed)."""
+        spec = request.params.structured_outputs
+        if spec is None:
+            return None
+        if parent.grammar is not None and parent.request.params.structured_outputs == spec:
+            return parent.grammar.fork()
+        if request.grammar is None:
+            self.grammars.check(spec)
+            request.grammar = self.grammars.submit(spec)
+        return GrammarState.start(request.grammar)
 
     def probe(self, seq: Sequence, k: int) -> None:
         """Compute seq's remaining tokens, then record its k best next tokens and hold it (beam search)."""
@@ -293,7 +370,10 @@ class Engine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its pages; unknown or finished ids are ignored."""
         request = self.requests.pop(request_id, None)
-        if request is not None:
+        if request in self._compiling:
+            self._compiling.remove(request)
+            self._drop_uncompiled(request)
+        elif request is not None:
             for seq in request.seqs:
                 if not seq.is_finished:
                     seq.finish_reason = "abort"
@@ -324,6 +404,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the outputs of requests that finished in it (or, with async
         scheduling, in the step before it, whose tokens are read once this one is queued)."""
+        finished = self._admit_compiled() if self._compiling else []
+        return finished + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if self.runner.cascade is not None and len(batch) > 1:
             # Sequences under one tree node adjacent: each shared group is one attention request
@@ -353,7 +437,11 @@ class Engine:
         if overlap:
             previous = self._in_flight
             rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
-            launched = self.runner.launch(batch, rows, previous.launched if previous else None)
+            bitmask = None
+            if self._grammars is not None and any(seq.grammar is not None for seq in samplers):
+                def bitmask() -> TokenBitmask | None:
+                    return self._launched_bitmask(samplers, previous)
+            launched = self.runner.launch(batch, rows, previous.launched if previous else None, bitmask)
             self._advance(batch)
             max_model_len = self.max_model_len
             for row, seq in enumerate(samplers):
@@ -364,7 +452,7 @@ class Engine:
             self._in_flight = InFlightStep(samplers, launched)
             return finished + (self._resolve(previous) if previous else [])
         draws = [self._draw_request(seq) for seq in samplers]
-        result: StepDraws | None = self.runner.execute(batch, draws)
+        result: StepDraws | None = self.runner.execute(batch, draws, self._token_bitmask(samplers, draws))
         self._advance(batch)
         if result is None:
             return finished
@@ -439,6 +527,42 @@ class Engine:
         seeds = [seq.seed] + [request.sample_seed(i) for i in request.pending_forks(seq)]
         return DrawRequest([self._sampling_row(seq, seed) for seed in seeds])
 
+    def _launched_bitmask(self, samplers: list[Sequence], previous: InFlightStep | None) -> TokenBitmask | None:
+        """The token mask of a step queued ahead (async scheduling), one row per sequence, filled
+        while the GPU runs its forward: a constrained sequence whose newest token the previous
+        step draws waits for that step's tokens (done before this forward is) and takes its token
+        early. Rows whose grammar is complete (their token will be dropped) draw freely."""
+        constrained = [(row, seq) for row, seq in enumerate(samplers) if seq.grammar is not None]
+        if previous is not None and any(seq.num_pending for _, seq in constrained):
+            tokens = previous.launched.result().token_ids
+            for _, seq in constrained:
+                if seq.num_pending:
+                    seq.grammar.accept_early(tokens[seq.pending_row])
+        rows = [row for row, seq in constrained if seq.grammar.open]
+        if not rows:
+            return None
+        words = self.grammars.bitmask(len(samplers))
+        self.grammars.fill_bitmask([samplers[row].grammar for row in rows], words, rows)
+        return TokenBitmask(words, rows)
+
+    def _token_bitmask(self, samplers: list[Sequence], draws: list[DrawRequest]) -> TokenBitmask | None:
+        """The allowed tokens of the step's constrained draw rows (None, and no work, without any),
+        for a step that waits for its draws (its sequences' tokens are all known); a sequence
+        that forks here gives each of its draw rows its own mask."""
+        constrained = [i for i, seq in enumerate(samplers) if seq.grammar is not None and draws[i].rows]
+        if not constrained:
+            return None
+        first_row = list(itertools.accumulate((len(d.rows) for d in draws), initial=0))
+        words = self.grammars.bitmask(first_row[-1])
+        self.grammars.fill_bitmask([samplers[i].grammar for i in constrained], words,
+                                   [first_row[i] for i in constrained])
+        rows = []
+        for i in constrained:
+            start, stop = first_row[i], first_row[i + 1]
+            words[start + 1:stop] = words[start]
+            rows.extend(range(start, stop))
+        return TokenBitmask(words, rows)
+
     def _sampling_row(self, seq: Sequence, seed: int | None) -> SamplingRow:
         params = seq.request.params
         if seq.num_output_tokens < params.min_tokens:
@@ -462,6 +586,14 @@ class Engine:
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(token, result, row))
         reason, stop = self._stop_reason(seq, token, seq.request.params)
+        grammar = seq.grammar
+        if grammar is not None:
+            if not grammar.accept(token):  # the mask allowed only what the grammar accepts: a bug
+                logger.error("request %s: sampled token %d that its grammar rejects; ending it",
+                             seq.request.request_id, token)
+                reason, stop = "abort", None
+            elif reason is None and grammar.terminated:  # complete, and its stop token drawn (ignore_eos)
+                reason = "stop"
         if reason is None:
             return False
         seq.finish_reason, seq.stop_reason = reason, stop

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from forkserve.engine.tree import SeqKV
 from forkserve.outputs import Logprob
 from forkserve.sampler import SamplingRow
 from forkserve.sampling_params import SamplingParams
+from forkserve.structured.matcher import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +46,7 @@ class Sequence:
     pending_row: int = -1
     final_in_flight: bool = False
     sampling_row: SamplingRow | None = None  # its draws' row once past min_tokens (Engine._sampling_row)
+    grammar: GrammarState | None = None  # structured outputs: its position in the request's grammar
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -85,6 +88,7 @@ class Request:
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission, as vLLM reports it
     num_samples: int = 1
     hold: bool = False  # finished sequences keep their KV (tree search: they are forked later)
+    grammar: Future | None = None  # structured outputs: the compiled grammar (Grammars.submit)
     # Its draws feed the host's next decision (penalties, search): no async scheduling. Fixed at
     # creation (its params are), and read for every sampling row of every step.
     needs_tokens_at_once: bool = field(init=False)

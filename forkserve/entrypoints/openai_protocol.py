@@ -22,6 +22,7 @@ from typing import Any
 from forkserve.engine.engine import PromptInput
 from forkserve.outputs import Logprob, RequestOutput
 from forkserve.sampling_params import SamplingParams
+from forkserve.structured.params import CONSTRAINTS, StructuredOutputsParams
 
 COMPLETIONS = "completion"
 CHAT = "chat"
@@ -31,11 +32,15 @@ URLS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
 SAMPLING_FIELDS = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
                    "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
                    "include_stop_str_in_output", "skip_special_tokens")
+# Body fields that constrain the output (structured outputs): OpenAI's, vLLM's, vLLM's older aliases.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS)
 _COMMON_FIELDS = {"model", "max_tokens", "logprobs", "stream", "stream_options", "user", "logit_bias",
-                  *SAMPLING_FIELDS}
+                  *SAMPLING_FIELDS, *STRUCTURED_FIELDS}
 COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"})
-CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
-                                          "tools", "tool_choice"})
+CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
+                                          "tool_choice"})
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat has no limit
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
@@ -71,6 +76,7 @@ class OpenAIRequest:
     model: str | None = None
     stream: bool = False
     include_usage: bool = False
+    structured_param: str | None = None  # the body field its structured outputs came from
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -134,12 +140,58 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
         values["max_tokens"], source["max_tokens"] = max_tokens, "max_tokens"
         if body.get("logprobs") is not None:
             values["logprobs"], source["logprobs"] = body["logprobs"], "logprobs"
+    structured_param, values["structured_outputs"] = _structured_outputs(body)
     try:
         params = SamplingParams(**values)
     except ValueError as err:
         match = _SAMPLING_ERROR.match(str(err))
         raise OpenAIError(str(err), source.get(match.group(1)) if match else None) from None
-    return OpenAIRequest(kind, params, prompts, model, stream, include_usage)
+    return OpenAIRequest(kind, params, prompts, model, stream, include_usage, structured_param)
+
+
+def _structured_outputs(body: dict) -> tuple[str | None, StructuredOutputsParams | None]:
+    """(the body field, its constraint) from response_format, a guided_* alias or vLLM's
+    structured_outputs object; the latter may also carry only options (disable_any_whitespace)
+    for the constraint that response_format or an alias gives, as in vLLM."""
+    given = [name for name in ("response_format", *GUIDED_FIELDS)
+             if body.get(name) is not None and body[name] != {"type": "text"}]
+    options = body.get("structured_outputs")
+    if len(given) > 1 or (given and isinstance(options, dict) and set(options) & set(CONSTRAINTS)):
+        names = given + (["structured_outputs"] if options is not None else [])
+        raise OpenAIError(f"give one of {', '.join(names)}, not several", names[1])
+    if not given and options is None:
+        return None, None
+    name = given[0] if given else "structured_outputs"
+    try:
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"structured_outputs must be an object, got {_json_type(options)}")
+        values = dict(options or {})
+        if name in GUIDED_FIELDS:
+            values[GUIDED_FIELDS[name]] = body[name]
+        elif name == "response_format":
+            values.update(_response_format(body[name]))
+        return name, StructuredOutputsParams.from_dict(values)
+    except ValueError as err:
+        raise OpenAIError(str(err), name) from None
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    """OpenAI's response_format as a StructuredOutputsParams field: {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}} or {"type": "json_object"} ({"type": "text"}
+    constrains nothing and is handled by the caller)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object" and set(value) == {"type"}:
+        return {"json_object": True}
+    if kind == "json_schema" and set(value) == {"type", "json_schema"} and isinstance(value["json_schema"], dict):
+        spec = value["json_schema"]
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise ValueError(f"response_format.json_schema: unknown field(s) {', '.join(unknown)}")
+        if not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        return {"json": spec["schema"]}
+    raise ValueError("response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+                     f"{{'type': 'json_schema', 'json_schema': {{'name', 'schema', 'strict'}}}}, got {value!r}")
 
 
 def check_model(request: OpenAIRequest, served: list[str]) -> None:
@@ -183,7 +235,9 @@ def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any) -> list[Pr
     try:
         engine.check_params(request.params, "request")
     except ValueError as err:
-        raise OpenAIError(str(err), "top_logprobs" if request.kind == CHAT else "logprobs") from None
+        param = request.structured_param if "StructuredOutputsParams" in str(err) else \
+            "top_logprobs" if request.kind == CHAT else "logprobs"
+        raise OpenAIError(str(err), param) from None
     return inputs
 
 
@@ -259,10 +313,6 @@ def _check_chat_extras(body: dict) -> None:
         raise OpenAIError("tools are not supported", "tools", code="unsupported")
     if body.get("tool_choice") not in (None, "none"):
         raise OpenAIError("tool_choice is not supported", "tool_choice", code="unsupported")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise OpenAIError("only response_format {'type': 'text'} is supported", "response_format",
-                          code="unsupported")
 
 
 # ----------------------------------------------------------------------------------- responses

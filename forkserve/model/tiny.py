@@ -72,7 +72,8 @@ def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int, overrides:
                        use_sliding_window=False, architectures=["Qwen3ForCausalLM"])
 
 
-def _train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on CORPUS, with SPECIAL_TOKENS and the ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -100,7 +101,7 @@ def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, h
         raise ValueError(f"unknown tiny model family {family!r}: choose one of {', '.join(FAMILIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(vocab_size=1024)
+    tokenizer = train_tokenizer(vocab_size=1024)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = _hf_config(family, len(tokenizer), eos, head_dim, config)
     torch.manual_seed(seed)
