@@ -27,6 +27,7 @@ from typing import Any
 
 from forkserve.engine.engine import Engine, PromptInput
 from forkserve.engine.sequence import SequenceStatus
+from forkserve.metrics import engine_metrics
 from forkserve.outputs import RequestOutput
 from forkserve.sampling_params import SamplingParams
 
@@ -109,6 +110,7 @@ class EngineLoop:
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._rate_samples: deque[tuple[float, int]] = deque()
+        self.model_name = engine.config.model  # the model_name label of vLLM's metrics (the server sets it)
         self.stats: dict[str, float] = self._collect_stats()
 
     # ----------------------------------------------------------------------- event-loop side
@@ -269,6 +271,8 @@ class EngineLoop:
         in_use = engine.pool.num_pages - engine.pool.num_free
         evictable = engine.tree.num_evictable_pages
         totals = engine.stats()
+        # vLLM's metrics, taken here on the engine's thread; requests waiting are the server's count
+        self.vllm_metrics = engine_metrics(engine, self.model_name, self.num_waiting)
         return {
             "requests_running": running,
             "requests_unfinished": len(engine.requests),
