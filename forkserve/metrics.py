@@ -69,6 +69,16 @@ def engine_metrics(engine: Any, model_name: str, num_waiting: int | None = None)
         _histogram("vllm:request_queue_time_seconds", m.queue_time, labels),
         _histogram("vllm:request_prompt_tokens", m.request_prompt_tokens, labels),
         _histogram("vllm:request_generation_tokens", m.request_generation_tokens, labels),
+        _histogram("vllm:request_params_n", m.request_params_n, labels),
+        _histogram("vllm:request_params_max_tokens", m.request_params_max_tokens, labels),
+        _histogram("vllm:request_max_num_generation_tokens", m.request_max_num_generation_tokens, labels),
+        _histogram("vllm:request_prefill_time_seconds", m.prefill_time, labels),
+        _histogram("vllm:request_decode_time_seconds", m.decode_time, labels),
+        _histogram("vllm:request_inference_time_seconds", m.inference_time, labels),
+        _histogram("vllm:iteration_tokens_total", m.iteration_tokens, labels),
+        Gauge("vllm:cache_config_info", {**labels, "block_size": str(engine.config.block_size),
+                                         "num_gpu_blocks": str(engine.pool.num_pages),
+                                         "enable_prefix_caching": str(engine.config.enable_prefix_caching)}, 1),
     ]
     return metrics
 

@@ -65,6 +65,14 @@ def test_echo_and_return_token_ids(client, served) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
 
 
+def test_continuous_usage_stats(client) -> None:
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True},
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts and counts == sorted(counts) and chunks[-1].usage.completion_tokens == 4
+
+
 def test_echo_with_logprobs_covers_the_prompt(client, served) -> None:
     out = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2)
     lp = out.choices[0].logprobs
@@ -103,11 +111,28 @@ def test_logit_bias(client) -> None:
     ({"max_tokens": 10_000}, "max_tokens"),
     ({"stop_token_ids": [999_999]}, "stop_token_ids"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream: true
-    ({"use_beam_search": True}, "use_beam_search"),
+    ({"use_beam_search": True, "stream": True}, "use_beam_search"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
 def test_refused_fields_name_the_field(served, body, param) -> None:
     r = post(served, "/v1/completions", {"model": NAME, "prompt": PROMPT, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_use_beam_search_matches_llm_beam_search(client, model_dir) -> None:
+    from forkserve import LLM
+    from forkserve.sampling_params import BeamSearchParams
+
+    out = client.completions.create(model=NAME, prompt=[PROMPT, "Once upon a time"], max_tokens=4, n=2,
+                                    extra_body={"use_beam_search": True, "return_token_ids": True})
+    llm = LLM(model_dir, **ENGINE)
+    expected = llm.beam_search([PROMPT, "Once upon a time"], BeamSearchParams(beam_width=2, max_tokens=4))
+    got = [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)]
+    prompt_lens = [len(llm.get_tokenizer()(p).input_ids) for p in (PROMPT, "Once upon a time")]
+    assert got == [s.tokens[prompt_lens[i]:] for i, o in enumerate(expected) for s in o.sequences]
+    chat = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=3, n=2,
+                                          extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2
 
 
 # ----------------------------------------------------------------------------------- chat
@@ -151,6 +176,7 @@ def test_routes(served, client, model_dir) -> None:
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
     assert httpx.get(f"{served.url}/version", timeout=10).json()["version"]
+    assert httpx.get(f"{served.url}/ping", timeout=10).status_code == 200
     ids = post(served, "/tokenize", {"prompt": PROMPT}).json()
     assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 256
     assert post(served, "/detokenize", {"tokens": ids["tokens"]}).json()["prompt"].endswith(PROMPT)

@@ -233,9 +233,10 @@ class Engine:
     def check_fits(self, prompt: PromptInput, params: SamplingParams, label: str) -> None:
         """max_tokens must fit beside the prompt in max_model_len (vLLM refuses it with a 400)."""
         if params.max_tokens is not None and len(prompt.token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"{label}: invalid SamplingParams: max_tokens={params.max_tokens} does not fit: the "
-                             f"prompt has {len(prompt.token_ids)} tokens and max_model_len is {self.max_model_len}, "
-                             f"so at most {self.max_model_len - len(prompt.token_ids)} tokens can be generated")
+            raise ValueError(f"{label}: invalid SamplingParams: max_tokens={params.max_tokens} is too large: this "
+                             f"model's maximum context length (max_model_len) is {self.max_model_len} tokens and the "
+                             f"prompt has {len(prompt.token_ids)}, so at most "
+                             f"{self.max_model_len - len(prompt.token_ids)} tokens can be generated")
 
     def get_tokenizer(self):
         """The engine's tokenizer (vLLM's `LLMEngine.get_tokenizer`)."""
@@ -417,6 +418,7 @@ class Engine:
                 raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
             return finished  # sequences the previous step's tokens ended may have made room
         self.counters.record_step(batch, self.pages_in_use)
+        self.metrics.iteration_tokens.observe(sum(item.num_new_tokens for item in batch))
         if overlap:
             previous = self._in_flight
             rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
@@ -493,7 +495,7 @@ class Engine:
                 if request.metrics is not None:
                     request.metrics.finished_time = time.time()
                 output = self.make_output(request)
-                self.metrics.record_finished(output)
+                self.metrics.record_finished(output, request.params)
                 finished.append(output)
         return finished
 
@@ -738,10 +740,12 @@ def _check_prompt_keys(prompt: dict, label: str) -> None:
 
 
 def _check_local_model(model: str) -> None:
-    """forkserve loads local checkpoint directories only: a hub id gets told how to get one."""
+    """forkserve loads local checkpoint directories only: a hub id ("org/name", no such directory)
+    gets told how to get one."""
     from pathlib import Path
 
-    if not Path(model).is_dir():
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if looks_like_hub_id and not Path(model).exists():
         raise ValueError(f"model {model!r} is not a local directory: forkserve loads local checkpoints only and "
                          "downloads nothing; download it first (e.g. `huggingface-cli download "
                          f"{model} --local-dir DIR`) and pass DIR")

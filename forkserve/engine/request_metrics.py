@@ -5,6 +5,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from forkserve.outputs import RequestOutput
+from forkserve.sampling_params import SamplingParams
 
 # vLLM's buckets (seconds; tokens)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -14,6 +15,8 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))
+N_BUCKETS = (1, 2, 5, 10, 20)
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclass
@@ -56,8 +59,15 @@ class EngineMetrics:
     queue_time: HistogramData = field(default_factory=lambda: HistogramData(LATENCY_BUCKETS))
     request_prompt_tokens: HistogramData = field(default_factory=lambda: HistogramData(TOKEN_BUCKETS))
     request_generation_tokens: HistogramData = field(default_factory=lambda: HistogramData(TOKEN_BUCKETS))
+    request_params_n: HistogramData = field(default_factory=lambda: HistogramData(N_BUCKETS))
+    request_params_max_tokens: HistogramData = field(default_factory=lambda: HistogramData(TOKEN_BUCKETS))
+    request_max_num_generation_tokens: HistogramData = field(default_factory=lambda: HistogramData(TOKEN_BUCKETS))
+    prefill_time: HistogramData = field(default_factory=lambda: HistogramData(LATENCY_BUCKETS))
+    decode_time: HistogramData = field(default_factory=lambda: HistogramData(LATENCY_BUCKETS))
+    inference_time: HistogramData = field(default_factory=lambda: HistogramData(LATENCY_BUCKETS))
+    iteration_tokens: HistogramData = field(default_factory=lambda: HistogramData(ITERATION_BUCKETS))
 
-    def record_finished(self, output: RequestOutput) -> None:
+    def record_finished(self, output: RequestOutput, params: SamplingParams) -> None:
         self.prompt_tokens += len(output.prompt_token_ids)
         self.cached_prompt_tokens += output.num_cached_tokens
         for completion in output.outputs:
@@ -67,8 +77,18 @@ class EngineMetrics:
         generated = sum(len(c.token_ids) for c in output.outputs)
         self.request_prompt_tokens.observe(len(output.prompt_token_ids))
         self.request_generation_tokens.observe(generated)
+        self.request_params_n.observe(params.n)
+        if params.max_tokens is not None:
+            self.request_params_max_tokens.observe(params.max_tokens)
+        self.request_max_num_generation_tokens.observe(max((len(c.token_ids) for c in output.outputs), default=0))
         if m is None:
             return
+        if m.first_scheduled_time is not None and m.first_token_time is not None:
+            self.prefill_time.observe(m.first_token_time - m.first_scheduled_time)
+        if m.first_scheduled_time is not None and m.finished_time is not None:
+            self.inference_time.observe(m.finished_time - m.first_scheduled_time)
+        if m.first_token_time is not None and m.finished_time is not None:
+            self.decode_time.observe(m.finished_time - m.first_token_time)
         if m.first_scheduled_time is not None:
             self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
         if m.first_token_time is not None:

@@ -325,10 +325,13 @@ class BatchRunner:
                 errors.append(error_record(line.custom_id, *line.error))
                 continue
             try:
-                request = parse_request(URLS[line.url], line.body)
+                request = parse_request(URLS[line.url], line.body, engine.default_sampling_overrides)
                 check_model(request, [*served, engine.config.model])
                 if request.stream:
                     raise OpenAIError("stream is not supported in a batch", "stream", code="unsupported")
+                if request.use_beam_search:
+                    raise OpenAIError("use_beam_search is not supported in run-batch yet: serve the model and send "
+                                      "it there, or use LLM.beam_search", "use_beam_search", code="unsupported")
                 prompts = make_prompts(request, engine.tokenizer, engine)
             except OpenAIError as err:
                 errors.append(error_record(line.custom_id, err.code or err.type, err.message))

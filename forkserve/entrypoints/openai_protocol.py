@@ -22,7 +22,7 @@ from typing import Any
 from forkserve.chat import message_content, render_chat
 from forkserve.engine.engine import PromptInput
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
-from forkserve.sampling_params import SamplingParams
+from forkserve.sampling_params import BeamSearchParams, SamplingParams
 
 COMPLETIONS = "completion"
 CHAT = "chat"
@@ -82,6 +82,18 @@ class OpenAIRequest:
     chat_options: dict[str, Any] = field(default_factory=dict)  # render_chat's keyword arguments
     response_role: str = "assistant"
     max_tokens_param: str = "max_tokens"  # the body field max_tokens came from (chat: or max_completion_tokens)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage so far in every chunk
+    use_beam_search: bool = False  # vLLM's: beam search with beam_width n, the n best hypotheses as choices
+    length_penalty: float = 1.0
+
+    def beam_search_params(self, prompt: PromptInput, max_model_len: int) -> BeamSearchParams:
+        """vLLM's mapping of a use_beam_search body: beam_width = n; max_tokens defaults to the rest
+        of the context."""
+        p = self.params
+        max_tokens = p.max_tokens if p.max_tokens is not None else max_model_len - len(prompt.token_ids)
+        return BeamSearchParams(beam_width=p.n, max_tokens=max_tokens, ignore_eos=p.ignore_eos,
+                                temperature=p.temperature, length_penalty=self.length_penalty,
+                                include_stop_str_in_output=p.include_stop_str_in_output)
 
     @property
     def prompt_param(self) -> str:
@@ -93,8 +105,10 @@ def new_id(kind: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ requests
-def parse_request(kind: str, body: Any) -> OpenAIRequest:
-    """Check a completion (`kind` COMPLETIONS) or chat (CHAT) body; raise OpenAIError naming the field."""
+def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) -> OpenAIRequest:
+    """Check a completion (`kind` COMPLETIONS) or chat (CHAT) body; raise OpenAIError naming the field.
+    `defaults`: SamplingParams fields for what the body leaves out (the model's generation config,
+    as vLLM's server applies it; its max_tokens aside, the body's protocol defaults rule there)."""
     if not isinstance(body, dict):
         raise OpenAIError(f"the request body must be a JSON object, got {_json_type(body)}")
     allowed = CHAT_FIELDS if kind == CHAT else COMPLETION_FIELDS
@@ -105,21 +119,31 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
     if model is not None and not isinstance(model, str):
         raise OpenAIError(f"model must be a string, got {model!r}", "model")
     stream = _optional_bool(body, "stream") or False
-    include_usage = False
+    include_usage = continuous_usage = False
     options = body.get("stream_options")
     if options is not None:
         if not stream:
             raise OpenAIError("stream_options can only be given with stream: true", "stream_options")
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-            raise OpenAIError("stream_options must be an object with only 'include_usage'", "stream_options")
+            raise OpenAIError("stream_options must be an object with only 'include_usage' and "
+                              "'continuous_usage_stats'", "stream_options")
         include_usage = bool(_optional_bool(options, "include_usage", "stream_options.include_usage"))
-    if _optional_bool(body, "use_beam_search"):
-        raise OpenAIError("use_beam_search is not supported by the server yet: run beam search offline with "
-                          "LLM.beam_search (forkserve.BeamSearchParams)", "use_beam_search", code="unsupported")
+        continuous_usage = bool(_optional_bool(options, "continuous_usage_stats",
+                                               "stream_options.continuous_usage_stats"))
+    use_beam_search = bool(_optional_bool(body, "use_beam_search"))
+    if use_beam_search and stream:
+        raise OpenAIError("use_beam_search cannot stream yet: send stream: false", "use_beam_search",
+                          code="unsupported")
+    length_penalty = body.get("length_penalty", 1.0)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or \
+            not math.isfinite(length_penalty):
+        raise OpenAIError(f"length_penalty must be a finite number, got {length_penalty!r}", "length_penalty")
     echo = bool(_optional_bool(body, "echo"))
+    if stream and body.get("prompt_logprobs") is not None:
+        raise OpenAIError("prompt_logprobs are not available when stream is true", "prompt_logprobs")
     return_token_ids = bool(_optional_bool(body, "return_token_ids"))
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
     source: dict[str, str] = {}  # SamplingParams field -> the body field it came from
     for name in SAMPLING_FIELDS:
         if body.get(name) is not None:
@@ -160,6 +184,8 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
         raise OpenAIError(str(err), source.get(match.group(1)) if match else None) from None
     return OpenAIRequest(kind, params, prompts, model, stream, include_usage, echo=echo,
                          return_token_ids=return_token_ids, chat_options=chat_options,
+                         use_beam_search=use_beam_search, length_penalty=float(length_penalty),
+                         continuous_usage=include_usage and continuous_usage,
                          max_tokens_param=source.get("max_tokens", "max_tokens"))
 
 

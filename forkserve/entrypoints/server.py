@@ -32,7 +32,7 @@ from forkserve.metrics import prometheus_text as vllm_prometheus_text
 from forkserve.entrypoints.openai_protocol import (CHAT, COMPLETIONS, OpenAIError, OpenAIRequest, chat_chunk,
                                                    chat_logprobs, check_model, completion_chunk,
                                                    completion_logprobs, error_body, make_prompts, new_id,
-                                                   parse_request, response_body, usage_chunk)
+                                                   parse_request, response_body, usage, usage_chunk)
 from forkserve.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     guarded = [Depends(authorize)]
 
+    @app.api_route("/ping", methods=["GET", "POST"])
     @app.get("/health")
     async def health() -> Response:
         if engine_loop.alive:
@@ -145,7 +146,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     async def generate(request: Request, kind: str) -> Response:
         body = await read_json(request, max_request_bytes)
-        parsed = parse_request(kind, body)
+        parsed = parse_request(kind, body, engine.default_sampling_overrides)
         parsed.response_role = response_role
         check_model(parsed, accepted_names)
         prompts = make_prompts(parsed, tokenizer, engine, chat_template)
@@ -156,8 +157,9 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
                               None, status=429, type="rate_limit_error", code="rate_limit_exceeded")
         request_id = new_id(kind)
         try:
-            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.params) for i, p in enumerate(prompts)],
-                                        stream=parsed.stream)
+            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.beam_search_params(p, engine.max_model_len)
+                                          if parsed.use_beam_search else parsed.params)
+                                         for i, p in enumerate(prompts)], stream=parsed.stream)
         except EngineDead as err:
             raise OpenAIError(str(err), None, status=503, type="server_error", code="engine_dead") from None
         model = parsed.model or served_model_names[0]
@@ -313,6 +315,8 @@ async def stream_events(handle: RequestStream, parsed: OpenAIRequest, request_id
                     if not state.finished:
                         for chunk in _choice_chunks(parsed, request_id, model, p * n + completion.index, state,
                                                     completion, want_logprobs):
+                            if parsed.continuous_usage:
+                                chunk["usage"] = usage(list(latest.values()))
                             yield _sse(chunk)
         if parsed.include_usage:
             yield _sse(usage_chunk(parsed, request_id, model, [latest[r] for r in handle.request_ids]))
