@@ -70,6 +70,19 @@ def test_vllm_settings_are_taken(llm) -> None:
     assert llm.get_tokenizer() is llm.llm_engine.get_tokenizer() is not None
 
 
+def test_llm_engine_steps_like_vllms(llm) -> None:
+    """vLLM's loop over `llm.llm_engine`: add_request with a plain prompt, step until done."""
+    engine = llm.llm_engine
+    engine.add_request("mine", PROMPT, GREEDY)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += engine.step()
+    assert [o.request_id for o in finished] == ["mine"]
+    assert finished[0].outputs[0].token_ids == llm.generate(PROMPT, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request("bad", PROMPT, SamplingParams(stop_token_ids=[10 ** 6]))
+
+
 def test_generation_config_sets_default_sampling_params(model_dir, tmp_path: Path) -> None:
     """vLLM's generation_config: "auto" reads the model's generation_config.json, "vllm" ignores it,
     a directory names another file."""

@@ -264,8 +264,13 @@ class Engine:
         if value is not None and value > self.config.max_n:
             raise ValueError(f"{label}: {name}={value} exceeds max_n={self.config.max_n}")
 
-    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
-        """Enqueue a validated request: one sequence, which forks into the samples at its first draw."""
+    def add_request(self, request_id: str, prompt: PromptInput | str | dict, params: SamplingParams) -> Request:
+        """Enqueue a request: one sequence, which forks into the samples at its first draw. A prompt
+        not yet validated (text or a prompt dict, as vLLM's `LLMEngine.add_request` takes) is
+        validated here, with its params."""
+        if not isinstance(prompt, PromptInput):
+            label = f"request {request_id}"
+            prompt = self.make_prompt(prompt, label, self.check_params(params, label).truncate_prompt_tokens)
         return self.add_requests([(request_id, prompt, params)])[0]
 
     def add_requests(self, batch: Seq[tuple[str, PromptInput, SamplingParams]]) -> list[Request]:
