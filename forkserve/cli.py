@@ -10,9 +10,12 @@ from pathlib import Path
 logger = logging.getLogger("forkserve")
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Engine flags, spelled as vLLM spells them."""
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    """Engine flags, spelled as vLLM spells them (vLLM's flags forkserve cannot honour yet are
+    taken and refused with what to do instead, by the engine's settings)."""
+    parser.add_argument("--model", required=model_required,
+                        help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -25,6 +28,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-n", type=int, default=1024, help="largest n / best_of a request may ask for")
+    parser.add_argument("--max-logprobs", type=int, default=20,
+                        help="largest logprobs / prompt_logprobs a request may ask for (-1: the whole vocabulary)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--generation-config", default="auto",
+                        help="'auto': sampling defaults from the model's generation_config.json; 'vllm': vLLM's "
+                             "defaults; or a directory holding a generation_config.json")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="1 (more GPUs: not yet)")
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 (more GPUs: not yet)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype; fp8: not yet)")
+    parser.add_argument("--quantization", "-q", default=None, help="not supported yet")
+    parser.add_argument("--trust-remote-code", action="store_true", help="refused: no remote code is ever run")
+    parser.add_argument("--revision", default=None, help="accepted: a local directory is its own revision")
+    parser.add_argument("--download-dir", default=None, help="accepted: nothing is downloaded")
+    parser.add_argument("--swap-space", type=float, default=4, help="accepted and unused, as in vLLM v1")
+    parser.add_argument("--disable-log-stats", action="store_true", help="accepted (no periodic stats logging)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -33,7 +51,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching, load_format=args.load_format, seed=args.seed,
-                max_n=args.max_n)
+                max_n=args.max_n, tokenizer=args.tokenizer, max_logprobs=args.max_logprobs,
+                enforce_eager=args.enforce_eager, generation_config=args.generation_config,
+                tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                trust_remote_code=args.trust_remote_code, revision=args.revision, download_dir=args.download_dir,
+                swap_space=args.swap_space, disable_log_stats=args.disable_log_stats)
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -56,7 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.sample_seed)
+                            max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop,
+                            logprobs=args.logprobs)
     start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
@@ -68,6 +92,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- {prompt!r} (cached prompt tokens: {output.num_cached_tokens}, "
                   f"finish: {completion.finish_reason})")
             print(completion.text)
+            if completion.logprobs is not None:
+                for token, entry in zip(completion.token_ids, completion.logprobs):
+                    print("  " + "  ".join(f"{lp.decoded_token!r}: {lp.logprob:.3f}" + (" *" if t == token else "")
+                                           for t, lp in entry.items()))
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     cached = sum(o.num_cached_tokens for o in outputs)
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -76,16 +104,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_family(value: str) -> str:
+    """Checked when make-tiny-model is parsed: its module imports torch, which --help must not wait for."""
+    from forkserve.model.tiny import FAMILIES
+
+    if value not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown family {value!r}: choose one of {', '.join(FAMILIES)}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forkserve", description=__doc__)
     parser.add_argument("--log-level", default=None, help="default: WARNING (INFO for run-batch and serve)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from forkserve.model.tiny import FAMILIES
-
     tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint with a real tokenizer")
     tiny.add_argument("dir")
-    tiny.add_argument("--family", default="llama", choices=FAMILIES)
+    tiny.add_argument("--family", default="llama", type=_tiny_family, help="llama, qwen2, qwen3 or mistral")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
 
@@ -101,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    gen.add_argument("--logprobs", type=int, default=None, help="print the top-k logprobs of each generated token")
     gen.set_defaults(func=cmd_generate)
 
     from forkserve.bench.run import add_bench_args, cmd_bench

@@ -16,9 +16,11 @@ from forkserve.engine.scheduler import ScheduledSeq
 from forkserve.engine.forks import DrawRequest, ForkingSampler, StepDraws
 from forkserve.model.llama import LlamaForCausalLM
 from forkserve.sampler import Draws, SamplerOutput, SamplingRow, TokenBitmask
+from forkserve.sampling_params import ALL_LOGPROBS
 from forkserve.transfer import to_device
 
 PLACEHOLDER = -1  # token id of a draw still on the GPU; the next step reads it from there
+PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are computed at once for prompt_logprobs
 
 
 def build_metadata(batch: list[ScheduledSeq], kv_cache: KVCache, device: torch.device,
@@ -146,6 +148,9 @@ class ModelRunner:
                 return self.backend.forward(layer, q, k, v, self.kv_cache, meta)
 
             hidden = self.model(input_ids, positions, attention)
+        for b, item in enumerate(batch):
+            if item.seq.request.wants_prompt_logprobs:
+                self._prompt_logprobs(hidden, query_ends[b] - item.num_new_tokens, item)
         last = [query_ends[b] - 1 for b, item in enumerate(batch) if item.samples]
         return self._logits(hidden, last) if last else None
 
@@ -161,6 +166,30 @@ class ModelRunner:
             return self.model.compute_logits(hidden[:padded])[:rows]
         index = to_device(last + [last[-1]] * (padded - rows), self.device, torch.long)
         return self.model.compute_logits(hidden[index])[:rows]
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, first_row: int, item: ScheduledSeq) -> None:
+        """Logprobs of the prompt tokens this step's chunk predicts (position p predicts token p + 1),
+        appended to the request's: the actual token's logprob and rank, and the top k. Only for
+        requests that ask, PROMPT_LOGPROB_ROWS positions at a time (each is a vocabulary of floats)."""
+        seq, request = item.seq, item.seq.request
+        start = seq.num_computed_tokens
+        prompt_len = len(request.prompt_token_ids)
+        lo = max(len(request.prompt_logprobs) - 1, start)
+        hi = min(start + item.num_new_tokens, prompt_len - 1)
+        want = request.params.prompt_logprobs
+        for a in range(lo, hi, PROMPT_LOGPROB_ROWS):
+            b = min(a + PROMPT_LOGPROB_ROWS, hi)
+            rows = hidden[first_row + a - start:first_row + b - start]
+            logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
+            k = logprobs.shape[-1] if want == ALL_LOGPROBS else want
+            targets = to_device(request.prompt_token_ids[a + 1:b + 1], self.device, torch.long)
+            chosen = logprobs.gather(1, targets[:, None])
+            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+            top = torch.topk(logprobs, k, dim=-1) if k else None
+            top_ids = top.indices.tolist() if top is not None else [[]] * (b - a)
+            top_values = top.values.tolist() if top is not None else [[]] * (b - a)
+            for lp, rank, ids, values in zip(chosen[:, 0].tolist(), ranks, top_ids, top_values):
+                request.prompt_logprobs.append((lp, rank, list(zip(ids, values))))
 
     @torch.inference_mode()
     def _load_logits_kernels(self) -> None:

@@ -1,4 +1,5 @@
-"""Logits to tokens: token masks, penalties, temperature, min-p, top-k, top-p, seeded draws, logprobs.
+"""Logits to tokens: token masks, penalties, token controls (logit_bias, allowed_token_ids,
+bad_words), temperature, min-p, top-k, top-p, seeded draws, logprobs.
 
 A `TokenBitmask` (structured outputs) masks its rows' disallowed tokens to -inf first, on the
 logits' device for the whole step in one call, so every later stage (and the logprobs) sees
@@ -19,7 +20,7 @@ from typing import Sequence
 import torch
 
 from forkserve.kernels import gpu_kernels
-from forkserve.sampling_params import SamplingParams
+from forkserve.sampling_params import ALL_LOGPROBS, SamplingParams
 from forkserve.transfer import to_device
 
 
@@ -32,6 +33,19 @@ class SamplingRow:
     token_ids: Sequence[int]  # prompt then output so far (not copied: only penalties read it)
     num_prompt_tokens: int
     blocked_token_ids: Sequence[int] = ()  # masked this step (e.g. EOS before min_tokens)
+    bad_words_token_ids: Sequence[Sequence[int]] = ()  # token sequences the output must not contain
+
+    def banned_token_ids(self) -> list[int]:
+        """Tokens masked at this draw: the blocked ones, and each bad word's last token where the
+        output so far ends with the rest of that word (vLLM's rule, over output tokens only)."""
+        banned = list(self.blocked_token_ids)
+        if self.bad_words_token_ids:
+            output = self.output_token_ids
+            for word in self.bad_words_token_ids:
+                prefix = len(word) - 1
+                if prefix == 0 or (len(output) >= prefix and list(output[len(output) - prefix:]) == list(word[:-1])):
+                    banned.append(word[-1])
+        return banned
 
     @property
     def step(self) -> int:
@@ -164,7 +178,7 @@ def _is_plain(row: SamplingRow) -> bool:
     p = row.params
     return row.seed is None and not row.blocked_token_ids and p.logprobs is None and p.top_k <= 0 \
         and p.top_p >= 1.0 and p.min_p <= 0.0 and p.repetition_penalty == 1.0 \
-        and not p.frequency_penalty and not p.presence_penalty
+        and not p.frequency_penalty and not p.presence_penalty and not p.controls_tokens
 
 
 # Rows the general path draws at once: its [rows, vocab] temporaries (fp32 copies, the top-p
@@ -174,6 +188,25 @@ def _is_plain(row: SamplingRow) -> bool:
 # grows with the rows; at 128 or more it switches method. Chunks below 128 rows keep one method,
 # so a full chunk is the general path's worst case, which the sizing's profile step runs.
 GENERAL_PATH_ROWS = 64
+
+
+def _apply_token_controls(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logit_bias added and tokens outside allowed_token_ids masked, in place, on the rows that
+    ask (one scatter each over those rows only). Logprobs stay those of the raw logits, as in vLLM."""
+    bias = [(i, token, value) for i, r in enumerate(rows) if r.params.logit_bias
+            for token, value in r.params.logit_bias.items()]
+    if bias:
+        index = to_device([(i, token) for i, token, _ in bias], logits.device, torch.long)
+        values = to_device([value for _, _, value in bias], logits.device, torch.float32)
+        logits.index_put_((index[:, 0], index[:, 1]), values.to(logits.dtype), accumulate=True)
+    restricted = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
+    if restricted:
+        allowed = _pad([rows[i].params.allowed_token_ids for i in restricted], logits.shape[1], logits.device)
+        keep = torch.zeros(len(restricted), logits.shape[1] + 1, dtype=torch.bool, device=logits.device)
+        keep = keep.scatter_(1, allowed, True)[:, :-1]
+        index = to_device(restricted, logits.device, torch.long)
+        logits[index] = logits[index].masked_fill(~keep, float("-inf"))
+    return logits
 
 
 class Sampler:
@@ -199,7 +232,8 @@ class Sampler:
                                      logits.device, torch.float32)
             tokens, chosen = kernels.sample(logits, temperatures, self._philox.getrandbits(31))
             return Draws(tokens, chosen, [None] * len(rows))
-        wanted = [r.params.logprobs for r in rows]
+        vocab = logits.shape[-1]
+        wanted = [vocab if r.params.logprobs == ALL_LOGPROBS else r.params.logprobs for r in rows]
         k = max((w if w is not None else -1) for w in wanted)
         parts = [self._draw_general(logits[i:i + GENERAL_PATH_ROWS], rows[i:i + GENERAL_PATH_ROWS], k)
                  for i in range(0, len(rows), GENERAL_PATH_ROWS)]
@@ -217,7 +251,9 @@ class Sampler:
         log_normaliser = torch.logsumexp(logits, dim=-1)
         raw_logits = logits
         logits = self._apply_penalties(logits, rows)
-        blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
+        if any(r.params.controls_tokens for r in rows):
+            logits = _apply_token_controls(logits.clone() if logits is raw_logits else logits, rows)
+        blocked = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids()]
         if blocked:
             index = to_device(blocked, logits.device, torch.long)
             logits = logits.clone() if logits is raw_logits else logits

@@ -312,6 +312,31 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, monkeypatch, famil
     assert compared >= 0.3 * 40 * len(prompts), f"only {compared} tokens compared: too many near-ties"
 
 
+def test_gpu_token_controls_and_prompt_logprobs(tiny_model_factory) -> None:
+    """vLLM's token controls and prompt logprobs on the GPU path (FlashInfer prefill, CUDA graphs,
+    the sampler's kernels for plain rows beside general-path rows): prompt logprobs equal the
+    reference backend's (fp32), a biased row always draws its token, an allowed-token row stays in
+    its set, and a plain row batched with them draws what it draws alone."""
+    model = str(tiny_model_factory("llama", head_dim=64))
+    common = dict(dtype="float32", max_model_len=256, num_gpu_blocks_override=256, max_num_seqs=8)
+    prompt = {"prompt_token_ids": [random.Random(1).randrange(3, 700) for _ in range(60)]}
+    asks = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=3)
+    gpu = LLM(model, device="cuda", max_num_batched_tokens=32, **common)  # prefill in two chunks
+    ref = LLM(model, device="cpu", attention_backend="reference", enforce_eager=True, **common)
+    got, want = (llm.generate(prompt, asks, use_tqdm=False)[0].prompt_logprobs for llm in (gpu, ref))
+    ids = prompt["prompt_token_ids"]
+    assert got[0] is None and len(got) == len(want) == len(ids)
+    for p in range(1, len(ids)):
+        assert abs(got[p][ids[p]].logprob - want[p][ids[p]].logprob) < 1e-3
+    plain = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=5)
+    alone = gpu.generate(prompt, plain, use_tqdm=False)[0].outputs[0].token_ids
+    outs = gpu.generate([prompt] * 3, [plain, plain.replace(logit_bias={9: 100.0}),
+                                       plain.replace(allowed_token_ids=[11, 12])], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == alone
+    assert outs[1].outputs[0].token_ids == [9] * 8
+    assert set(outs[2].outputs[0].token_ids) <= {11, 12}
+
+
 @pytest.fixture
 def wide_vocab_model(tmp_path) -> str:  # noqa: ANN001
     """Two layers of Llama-3.1-8B's width and vocabulary (dummy weights, no tokenizer): a step's

@@ -1,6 +1,7 @@
 """The step loop: request lifecycle, stop conditions, detokenisation and outputs."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -25,11 +26,13 @@ from forkserve.engine.sequence import Request, Sequence, SequenceStatus
 from forkserve.engine.tree import PrefixTree
 from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
-from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
+from forkserve.engine.generation_defaults import generation_defaults
+from forkserve.engine.request_metrics import EngineMetrics
+from forkserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
 from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow, TokenBitmask
-from forkserve.sampling_params import SamplingParams
+from forkserve.sampling_params import ALL_LOGPROBS, SamplingParams
 from forkserve.structured.grammars import Grammars
 from forkserve.structured.matcher import GrammarState
 
@@ -57,6 +60,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        _check_local_model(config.model)
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_dir(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
@@ -89,6 +93,10 @@ class Engine:
         self.stop_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(self.tokenizer.eos_token_id)
+        # SamplingParams fields the checkpoint's generation_config.json sets (vLLM's generation_config="auto")
+        self.default_sampling_overrides = generation_defaults(config.model, config.generation_config)
+        self.metrics = EngineMetrics()  # vLLM's per-request histograms (time to first token, ...)
+        self._step_time = time.time()  # wall time at the start of the current step (request timings)
         logger.info("engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
                     config.model, self.device, self.dtype, self.pool.num_pages, config.block_size,
                     self.max_model_len)
@@ -165,30 +173,34 @@ class Engine:
             self.config.attention_backend != "reference"
 
     # ----------------------------------------------------------------------------- requests
-    def make_prompt(self, prompt: object, label: str) -> PromptInput:
-        """Validate one prompt (text or {'prompt_token_ids': [...]}) and tokenize it."""
+    def make_prompt(self, prompt: object, label: str, truncate_prompt_tokens: int | None = None) -> PromptInput:
+        """Validate one prompt (text, or vLLM's TextPrompt / TokensPrompt dict) and tokenize it;
+        with truncate_prompt_tokens k, keep its last k tokens (-1: max_model_len), as vLLM does."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{label}: text prompts need a tokenizer (skip_tokenizer_init is set)")
             if not prompt:
                 raise ValueError(f"{label}: prompt is empty")
-            return self._check_tokens(self.tokenizer(prompt).input_ids, label, prompt)
+            return self._check_tokens(self.tokenizer(prompt).input_ids, label, prompt, truncate_prompt_tokens)
         if isinstance(prompt, dict):
-            unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
-            if unknown:
-                raise ValueError(f"{label}: unknown prompt key(s) {unknown}; expected 'prompt' or 'prompt_token_ids'")
+            _check_prompt_keys(prompt, label)
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
                 if not isinstance(ids, (list, tuple)) or not _all_ints(ids):
                     raise ValueError(f"{label}: prompt_token_ids must be a list of ints")
-                return self._check_tokens(list(ids), label, prompt.get("prompt"))
+                return self._check_tokens(list(ids), label, prompt.get("prompt"), truncate_prompt_tokens)
             if "prompt" in prompt:
-                return self.make_prompt(prompt["prompt"], label)
+                return self.make_prompt(prompt["prompt"], label, truncate_prompt_tokens)
         raise ValueError(f"{label}: a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
-    def _check_tokens(self, ids: list[int], label: str, text: str | None) -> PromptInput:
+    def _check_tokens(self, ids: list[int], label: str, text: str | None,
+                      truncate_prompt_tokens: int | None = None) -> PromptInput:
         if not ids:
             raise ValueError(f"{label}: prompt is empty")
+        if truncate_prompt_tokens is not None:
+            keep = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            if keep < len(ids):
+                ids, text = ids[-keep:], None  # the text no longer matches the tokens
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             bad = next(t for t in ids if not 0 <= t < vocab)
@@ -199,10 +211,26 @@ class Engine:
         return PromptInput(ids, text)
 
     def check_params(self, params: object, label: str) -> SamplingParams:
+        """The checks that need the model: logprob counts against max_logprobs, token ids against
+        the vocabulary, widths against max_n."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"{label}: sampling params must be SamplingParams, got {type(params).__name__}")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"{label}: logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}")
+        vocab = self.model_config.vocab_size
+        limit = vocab if self.config.max_logprobs == ALL_LOGPROBS else self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and (vocab if value == ALL_LOGPROBS else value) > limit:
+                raise ValueError(f"{label}: {name}={value} exceeds max_logprobs={self.config.max_logprobs} "
+                                 "(raise the engine's max_logprobs, -1 for the whole vocabulary)")
+        checked = (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids or ()),
+                   ("logit_bias", params.logit_bias or ()))
+        for name, ids in checked:
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{label}: invalid SamplingParams: {name} holds token id(s) {bad[:8]} outside "
+                                 f"the vocabulary [0, {vocab})")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError(f"{label}: bad_words needs a tokenizer (skip_tokenizer_init is set)")
         for name in ("n", "best_of"):
             self.check_width(getattr(params, name), name, label)
         if params.structured_outputs is not None:
@@ -225,23 +253,57 @@ class Engine:
             except ImportError as err:
                 raise ValueError(f"invalid StructuredOutputsParams: {err}") from None
         return self._grammars
+    def check_fits(self, prompt: PromptInput, params: SamplingParams, label: str) -> None:
+        """max_tokens must fit beside the prompt in max_model_len (vLLM refuses it with a 400)."""
+        if params.max_tokens is not None and len(prompt.token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"{label}: invalid SamplingParams: max_tokens={params.max_tokens} is too large: this "
+                             f"model's maximum context length (max_model_len) is {self.max_model_len} tokens and the "
+                             f"prompt has {len(prompt.token_ids)}, so at most "
+                             f"{self.max_model_len - len(prompt.token_ids)} tokens can be generated")
+
+    def get_tokenizer(self):
+        """The engine's tokenizer (vLLM's `LLMEngine.get_tokenizer`)."""
+        return self.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached page no sequence holds (vLLM's reset_prefix_cache); True when none is left."""
+        self.tree.evict(self.tree.num_evictable_pages)
+        return self.tree.num_evictable_pages == 0
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad words: each word as it starts a text, and with a leading space
+        when that tokenizes to a different first token in the same number of tokens."""
+        sequences: list[list[int]] = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            sequences.append(plain)
+            if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+        return [ids for ids in sequences if ids]
 
     def check_width(self, value: int | None, name: str, label: str) -> None:
         """Samples, beams and fork widths are capped by max_n (each one is a sequence to run)."""
         if value is not None and value > self.config.max_n:
             raise ValueError(f"{label}: {name}={value} exceeds max_n={self.config.max_n}")
 
-    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
-        """Enqueue a validated request: one sequence, which forks into the samples at its first draw."""
+    def add_request(self, request_id: str, prompt: PromptInput | str | dict, params: SamplingParams) -> Request:
+        """Enqueue a request: one sequence, which forks into the samples at its first draw. A prompt
+        not yet validated (text or a prompt dict, as vLLM's `LLMEngine.add_request` takes) is
+        validated here, with its params."""
+        if not isinstance(prompt, PromptInput):
+            label = f"request {request_id}"
+            prompt = self.make_prompt(prompt, label, self.check_params(params, label).truncate_prompt_tokens)
         return self.add_requests([(request_id, prompt, params)])[0]
 
     def add_requests(self, batch: Seq[tuple[str, PromptInput, SamplingParams]]) -> list[Request]:
         """Enqueue validated requests as one batch: the planner orders them so that every prefix
         they share is prefilled once (planner.py). Nothing is queued if an id is taken."""
         seen: set[str] = set()
-        for request_id, _, _ in batch:
+        for request_id, prompt, params in batch:
             if request_id in self.requests or request_id in seen:
                 raise ValueError(f"request id {request_id!r} is already in use")
+            self.check_fits(prompt, params, f"request {request_id}")
             seen.add(request_id)
         requests = [self.new_request(request_id, prompt, params, max(params.n, params.best_of or 1))
                     for request_id, prompt, params in batch]
@@ -295,7 +357,12 @@ class Engine:
         With hold, that sequence starts as a held one with nothing computed: a search root, which
         runs when probed or forked.
         """
-        request = Request(request_id, prompt.text, prompt.token_ids, params, num_samples=num_samples, hold=hold)
+        bad_words = self.bad_words_token_ids(params.bad_words) if params.bad_words else []
+        request = Request(request_id, prompt.text, prompt.token_ids, params, num_samples=num_samples, hold=hold,
+                          bad_words_token_ids=bad_words)
+        request.metrics = RequestMetrics(arrival_time=time.time())
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         self.counters.prompt_tokens += len(prompt.token_ids)
         seq = Sequence(next(self._seq_ids), request, 0, list(prompt.token_ids), len(prompt.token_ids),
                        request.sample_seed(0), logprobs=[] if params.logprobs is not None else None)
@@ -409,6 +476,11 @@ class Engine:
 
     def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self._step_time = now = time.time()
+        for item in batch:
+            metrics = item.seq.request.metrics
+            if metrics is not None and metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
         if self.runner.cascade is not None and len(batch) > 1:
             # Sequences under one tree node adjacent: each shared group is one attention request
             # (two in a step that also prefills, where its decoding members come first).
@@ -434,6 +506,7 @@ class Engine:
                 raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
             return finished  # sequences the previous step's tokens ended may have made room
         self.counters.record_step(batch, self.pages_in_use)
+        self.metrics.iteration_tokens.observe(sum(item.num_new_tokens for item in batch))
         if overlap:
             previous = self._in_flight
             rows = [self._sampling_row(seq, seq.seed) for seq in samplers]
@@ -511,7 +584,11 @@ class Engine:
         for request in dict.fromkeys(seq.request for seq in seqs):
             if request.is_finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
-                finished.append(self.make_output(request))
+                if request.metrics is not None:
+                    request.metrics.finished_time = time.time()
+                output = self.make_output(request)
+                self.metrics.record_finished(output, request.params)
+                finished.append(output)
         return finished
 
     @property
@@ -564,15 +641,15 @@ class Engine:
         return TokenBitmask(words, rows)
 
     def _sampling_row(self, seq: Sequence, seed: int | None) -> SamplingRow:
-        params = seq.request.params
+        params, bad_words = seq.request.params, seq.request.bad_words_token_ids
         if seq.num_output_tokens < params.min_tokens:
             blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
-            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked)
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked, bad_words)
         if seed != seq.seed:
-            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, (), bad_words)
         # A row reads the sequence's tokens when drawn, so its own row serves every step.
         if seq.sampling_row is None:
-            seq.sampling_row = SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+            seq.sampling_row = SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, (), bad_words)
         return seq.sampling_row
 
     def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
@@ -583,8 +660,15 @@ class Engine:
         """Account for seq's newest known token (draws still pending after it do not count); True if it ends seq."""
         token = result.token_ids[row]
         seq.cumulative_logprob += result.logprobs[row]
+        self.metrics.generation_tokens += 1
+        metrics = seq.request.metrics
+        if metrics is not None:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = self._step_time
+            metrics.last_token_time = self._step_time
+            metrics.num_generation_tokens += 1
         if seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_entry(token, result, row))
+            seq.logprobs.append(self._logprob_entry(token, result, row, seq.request.params))
         reason, stop = self._stop_reason(seq, token, seq.request.params)
         grammar = seq.grammar
         if grammar is not None:
@@ -600,15 +684,27 @@ class Engine:
         self.scheduler.finish(seq, hold=seq.request.hold)
         return True
 
-    def _logprob_entry(self, token: int, result: SamplerOutput, row: int) -> dict[int, Logprob]:
-        entry = {token: Logprob(result.logprobs[row], result.ranks[row], self._decode_one(token))}
-        for rank, (tid, lp) in enumerate(result.top_logprobs[row] or (), start=1):
+    def _logprob_entry(self, token: int, result: SamplerOutput, row: int, params: SamplingParams) -> dict[int, Logprob]:
+        return self._logprob_dict(token, result.logprobs[row], result.ranks[row], result.top_logprobs[row] or (),
+                                  params)
+
+    def _logprob_dict(self, token: int, logprob: float, rank: int, top: Seq[tuple[int, float]],
+                      params: SamplingParams) -> dict[int, Logprob]:
+        """vLLM's logprobs entry: the chosen (or actual prompt) token, then the top ones by rank."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token, params))}
+        for top_rank, (tid, lp) in enumerate(top, start=1):
             if tid not in entry:
-                entry[tid] = Logprob(lp, rank, self._decode_one(tid))
+                entry[tid] = Logprob(lp, top_rank, self._decode_one(tid, params))
         return entry
 
-    def _decode_one(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
+    def _decode_one(self, token: int, params: SamplingParams | None = None) -> str | None:
+        if self.tokenizer is None or (params is not None and not params.detokenize):
+            return None
+        return self.tokenizer.decode([token])
+
+    def _decode(self, token_ids: list[int], params: SamplingParams) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens,
+                                     spaces_between_special_tokens=params.spaces_between_special_tokens)
 
     def _stop_reason(self, seq: Sequence, token: int, params: SamplingParams) -> tuple[str | None, int | str | None]:
         """vLLM's order: stop token ids, EOS, stop strings, then length limits (of the known tokens)."""
@@ -628,7 +724,7 @@ class Engine:
 
     def _find_stop_string(self, seq: Sequence, params: SamplingParams) -> str | None:
         """Decode the output so far; cut the text at the earliest stop string that appeared."""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        text = self._decode(seq.output_token_ids, params)
         # Only the newly decoded tail (plus room for a stop string straddling it) can hold a new hit.
         search_from = max(0, len(seq.text) - max(len(s) for s in params.stop) + 1)
         seq.text = text
@@ -687,18 +783,28 @@ class Engine:
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=self._prompt_logprobs(request),
             outputs=completions,
             finished=request.is_finished,
             num_cached_tokens=request.num_cached_tokens or 0,
+            metrics=None if request.metrics is None else dataclasses.replace(request.metrics),
         )
+
+    def _prompt_logprobs(self, request: Request) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's prompt_logprobs: None for the first token, then per token its entry (computed
+        in the prefill pass, runner.py)."""
+        if request.prompt_logprobs is None:
+            return None
+        params = request.params
+        return [None] + [self._logprob_dict(token, lp, rank, top, params)
+                         for token, (lp, rank, top) in zip(request.prompt_token_ids[1:], request.prompt_logprobs[1:])]
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         params = seq.request.params
         if seq.stop_reason is not None and isinstance(seq.stop_reason, str):
             text = seq.text  # already cut at the stop string
-        elif self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        elif self.tokenizer is not None and params.detokenize:
+            text = self._decode(seq.output_token_ids, params)
         else:
             text = ""
         return CompletionOutput(
@@ -752,6 +858,33 @@ def _reaches_length(num_tokens: int, seq: Sequence, max_model_len: int) -> bool:
     """With num_tokens tokens (prompt included), seq reaches max_tokens or max_model_len."""
     max_tokens = seq.request.params.max_tokens
     return (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens) or num_tokens >= max_model_len
+
+
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "token_type_ids", "multi_modal_data", "mm_processor_kwargs", "cache_salt"}
+
+
+def _check_prompt_keys(prompt: dict, label: str) -> None:
+    """vLLM's TextPrompt / TokensPrompt keys: the text-model ones taken, the others refused by name."""
+    unknown = sorted(set(prompt) - _PROMPT_KEYS)
+    if unknown:
+        raise ValueError(f"{label}: unknown prompt key(s) {unknown}; expected 'prompt' or 'prompt_token_ids'")
+    if prompt.get("multi_modal_data") is not None or prompt.get("mm_processor_kwargs"):
+        raise ValueError(f"{label}: multi_modal_data is not supported: forkserve runs text-only models")
+    if prompt.get("cache_salt") is not None:
+        raise ValueError(f"{label}: cache_salt is not supported yet: every request shares the prefix cache; "
+                         "run isolated tenants on separate engines")
+
+
+def _check_local_model(model: str) -> None:
+    """forkserve loads local checkpoint directories only: a hub id ("org/name", no such directory)
+    gets told how to get one."""
+    from pathlib import Path
+
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if looks_like_hub_id and not Path(model).exists():
+        raise ValueError(f"model {model!r} is not a local directory: forkserve loads local checkpoints only and "
+                         "downloads nothing; download it first (e.g. `huggingface-cli download "
+                         f"{model} --local-dir DIR`) and pass DIR")
 
 
 def _load_tokenizer(path: str):

@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from forkserve.engine.tree import SeqKV
-from forkserve.outputs import Logprob
+from forkserve.outputs import Logprob, RequestMetrics
 from forkserve.sampler import SamplingRow
 from forkserve.sampling_params import SamplingParams
 from forkserve.structured.matcher import GrammarState
@@ -89,6 +89,11 @@ class Request:
     num_samples: int = 1
     hold: bool = False  # finished sequences keep their KV (tree search: they are forked later)
     grammar: Future | None = None  # structured outputs: the compiled grammar (Grammars.submit)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
+    metrics: RequestMetrics | None = None
+    # With params.prompt_logprobs: per prompt token so far, (logprob, rank, top [(token, logprob)]),
+    # None for the first token; filled by the prefill steps (runner.py)
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None
     # Its draws feed the host's next decision (penalties, search): no async scheduling. Fixed at
     # creation (its params are), and read for every sampling row of every step.
     needs_tokens_at_once: bool = field(init=False)
@@ -96,11 +101,16 @@ class Request:
     def __post_init__(self) -> None:
         p = self.params
         self.needs_tokens_at_once = self.hold or p.repetition_penalty != 1.0 or bool(p.frequency_penalty) \
-            or bool(p.presence_penalty)
+            or bool(p.presence_penalty) or any(len(word) > 1 for word in self.bad_words_token_ids)
 
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     def sample_seed(self, index: int) -> int | None:
         """Sample i draws from seed `params.seed + i`: exactly what a request with that seed draws."""
