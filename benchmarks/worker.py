@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.workloads import Workload, build
@@ -32,15 +33,20 @@ class EngineUnderTest:
     pages: Callable[[], list[int]] = list  # pages in use per step (Engine.pages_in_use_series)
 
 
+def has_tokenizer(model_dir: str) -> bool:
+    """The bench writes a tokenizer into the model directory for workloads with a schema (run.py)."""
+    return (Path(model_dir) / "tokenizer.json").exists()
+
+
 def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:
     import torch
 
-    from forkserve import LLM, SamplingParams
+    from forkserve import LLM, SamplingParams, StructuredOutputsParams
     from forkserve.engine.summary import StepTimes
 
     on_gpu = torch.cuda.is_available() and engine_args.get("device", "auto") != "cpu"
-    args = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16" if on_gpu else "float32",
-                enable_prefix_caching=True, seed=0)
+    args = dict(load_format="dummy", skip_tokenizer_init=not has_tokenizer(model_dir),
+                dtype="bfloat16" if on_gpu else "float32", enable_prefix_caching=True, seed=0)
     args.update(engine_args)
     llm = LLM(model_dir, **args)
     step_times = StepTimes()
@@ -48,8 +54,11 @@ def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnder
 
     def generate(w: Workload) -> list[Any]:
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in w.requests]
-        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
-                  for r in w.requests]
+        # A schema's object ends at EOS (the one token its grammar allows once complete); without
+        # one, every request runs to max_tokens.
+        schema = None if w.schema is None else StructuredOutputsParams(json=w.schema, disable_any_whitespace=True)
+        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=schema is None,
+                                 structured_outputs=schema) for r in w.requests]
         return llm.generate(prompts, params, use_tqdm=False)
 
     return EngineUnderTest(generate, llm.engine.stats, lambda: list(step_times.series), llm.engine.pages_in_use_series)
@@ -58,27 +67,50 @@ def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnder
 def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
 
-    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              gpu_memory_utilization=0.90, enable_prefix_caching=True, seed=0)
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=not has_tokenizer(model_dir),
+              dtype="bfloat16", gpu_memory_utilization=0.90, enable_prefix_caching=True, seed=0)
 
     def generate(w: Workload) -> list[Any]:
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in w.requests]
-        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
-                  for r in w.requests]
+        schema = None if w.schema is None else StructuredOutputsParams(json=w.schema, disable_any_whitespace=True)
+        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=schema is None,
+                                 structured_outputs=schema) for r in w.requests]
         return llm.generate(prompts, params, use_tqdm=False)
 
     return EngineUnderTest(generate)
 
 
-def warm_up_workloads() -> list[Workload]:
+def schema_check(schema: dict[str, Any], outputs: list[Any]) -> dict[str, Any]:
+    """How many outputs are valid JSON objects of the schema (jsonschema where installed), and
+    their finish reasons: both engines' outputs are checked alike, after the clock stops."""
+    try:
+        from jsonschema import Draft202012Validator
+        validator = Draft202012Validator(schema)
+    except ImportError:
+        validator = None
+    valid, reasons = 0, {}
+    for completion in (c for o in outputs for c in o.outputs):
+        reasons[completion.finish_reason] = reasons.get(completion.finish_reason, 0) + 1
+        try:
+            value = json.loads(completion.text, strict=False)  # xgrammar lets maxLength strings hold control characters
+        except ValueError:
+            continue
+        valid += validator.is_valid(value) if validator is not None else isinstance(value, dict)
+    return {"schema_valid": valid, "finish_reasons": reasons}
+
+
+def warm_up_workloads(structured: bool = False) -> list[Workload]:
     """What each engine runs before the clock starts: half-size batches (full 16K-token prefill
     steps, decodes at many batch sizes, prefill and decode steps with shared prefixes, forked
     samples), so every kernel is built and the allocator holds blocks for the largest activations,
     as after vLLM's start-up (its profiling forward of a full step). The earlier warm-up (a few
     thousand tokens) never ran a full prefill step. Seeds of their own: no prompt may share a
-    cached prefix with the timed batches."""
-    return [build("nosharing", 2, seed=1002), build("sharedprefix", 2, seed=1000), build("samples", 4, seed=1001)]
+    cached prefix with the timed batches. `structured` (a tokenizer is there): a small extraction
+    batch too, which builds the mask kernels and compiles its schema in both engines."""
+    warm_ups = [build("nosharing", 2, seed=1002), build("sharedprefix", 2, seed=1000), build("samples", 4, seed=1001)]
+    return warm_ups + ([build("extraction", 8, seed=1003)] if structured else [])
 
 
 def _alloc_retries() -> int | None:
@@ -151,7 +183,7 @@ def main(argv: list[str]) -> int:
     print(f"STARTUP {time.perf_counter() - start:.1f}", flush=True)
     if engine == "forkserve":
         _memory_segments("start-up")
-    for warmup in warm_up_workloads():
+    for warmup in warm_up_workloads(has_tokenizer(model_dir)):
         under_test.generate(warmup)
     for name in names:
         w = build(name, scale)
@@ -172,6 +204,8 @@ def main(argv: list[str]) -> int:
         if trace:
             stats.update(step_breakdown(trace, end))
         stats["device_used_gib"] = _device_used_gib()
+        if w.schema is not None:
+            stats.update(schema_check(w.schema, outputs))
         if engine == "forkserve" and retries is not None:  # vLLM allocates in its engine process
             stats["cuda_alloc_retries"] = _alloc_retries() - retries
             stats.update(_peak_memory())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 VOCAB = 32000  # token ids drawn below this: valid for Llama and Qwen vocabularies
 
@@ -23,6 +24,7 @@ class Workload:
     name: str
     requests: list[BenchRequest]
     temperature: float
+    schema: dict[str, Any] | None = None  # every request's output must match this JSON schema (structured outputs)
 
     @property
     def prompt_tokens(self) -> int:
@@ -63,6 +65,31 @@ def no_sharing(seed: int = 2, num: int = 256, lo: int = 100, hi: int = 1024) -> 
     return [BenchRequest(_ids(rng, rng.randint(lo, hi)), rng.randint(lo, hi)) for _ in range(num)]
 
 
+EXTRACTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "category": {"type": "string", "enum": ["news", "science", "sports", "finance", "other"]},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+        "summary": {"type": "string", "maxLength": 80},
+        "keywords": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
+    },
+    "required": ["title", "category", "year", "sentiment", "summary", "keywords"],
+    "additionalProperties": False,
+}
+
+
+def extraction(seed: int = 4, num: int = 2048, instruction_len: int = 1500, doc_len: int = 600,
+               out_len: int = 256) -> list[BenchRequest]:
+    """Structured extraction: one shared instruction, a document each, a JSON object out (EXTRACTION_SCHEMA)."""
+    rng = random.Random(seed)
+    instruction = _ids(rng, instruction_len)
+    reqs = [BenchRequest(instruction + _ids(rng, doc_len), out_len) for _ in range(num)]
+    rng.shuffle(reqs)
+    return reqs
+
+
 def build(name: str, scale: int = 1, seed: int | None = None) -> Workload:
     """A workload by name; scale > 1 shrinks counts and lengths for smoke tests on CPU. A seed
     other than the workload's own draws other tokens (the bench's warm-up must not share a
@@ -80,7 +107,13 @@ def build(name: str, scale: int = 1, seed: int | None = None) -> Workload:
         reqs = parallel_samples(prompts=max(1, 64 // scale), n=max(1, 32 // scale), prompt_len=1000 // scale,
                                 out_len=max(1, 512 // scale), **seeded)
         return Workload(name, reqs, 0.8)
-    raise ValueError(f"unknown workload {name!r}: choose from nosharing, sharedprefix, samples")
+    if name in ("extraction", "extractionfree"):
+        # extractionfree: the same prompts without the schema, each running to max_tokens (the cost
+        # of the constraint is the difference in time per output token).
+        reqs = extraction(num=max(1, 2048 // scale), instruction_len=1500 // scale, doc_len=max(1, 600 // scale),
+                          **seeded)
+        return Workload(name, reqs, 0.6, EXTRACTION_SCHEMA if name == "extraction" else None)
+    raise ValueError(f"unknown workload {name!r}: choose from {', '.join(WORKLOADS)}")
 
 
-WORKLOADS = ("nosharing", "sharedprefix", "samples")
+WORKLOADS = ("nosharing", "sharedprefix", "samples", "extraction", "extractionfree")

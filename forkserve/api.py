@@ -7,10 +7,12 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
+from forkserve.chat import render_chat
 from forkserve.config import EngineConfig
 from forkserve.engine.engine import Engine, PromptInput
 from forkserve.engine.summary import batch_summary, describe
 from forkserve.gc_switches import gc_frozen_for_batch, gc_off_while_planning
+from forkserve.metrics import Metric, engine_metrics
 from forkserve.outputs import BeamSearchOutput, RequestOutput
 from forkserve.sampling_params import BeamSearchParams, SamplingParams
 from forkserve.search.beam import beam_search
@@ -38,54 +40,106 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def llm_engine(self) -> Engine:
+        """vLLM's `llm.llm_engine`: here the engine itself (get_tokenizer, add_request, step,
+        abort_request, has_unfinished_requests)."""
+        return self.engine
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults, overridden by the checkpoint's generation_config.json (generation_config="auto")."""
+        return SamplingParams(**self.engine.default_sampling_overrides)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache's idle pages (those no sequence holds); True when none is left."""
+        return self.engine.reset_prefix_cache()
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's metrics (`vllm:*` names, vllm.v1.metrics.reader's shapes) for this engine."""
+        return engine_metrics(self.engine, self.engine.config.model)
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Run a batch to completion; outputs come back in input order.
 
         Every prompt and parameter set is validated before any work starts, so one bad request
-        raises a ValueError naming it and nothing is left half-run.
+        raises a ValueError naming it and nothing is left half-run. `sampling_params=None` means
+        `get_default_sampling_params()`. `priority` is vLLM's: all zeros (the default) is the
+        only value without priority scheduling, which forkserve does not have.
         """
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        return self._run(lambda: [self.engine.make_prompt(p, f"request {i}") for i, p in enumerate(prompt_list)],
-                         sampling_params, use_tqdm)
+        _check_no_lora(lora_request)
+        _check_priority(priority, len(prompt_list))
+        return self._run(lambda params: [self.engine.make_prompt(p, f"request {i}", params[i].truncate_prompt_tokens)
+                                         for i, p in enumerate(prompt_list)],
+                         len(prompt_list), sampling_params, use_tqdm)
 
     def chat(self, messages: ChatMessages | Sequence[ChatMessages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to each conversation, then generate."""
+             use_tqdm: bool = True, lora_request: None = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation (vLLM's arguments: a message's
+        content may be a list of text parts, joined by newlines), then generate."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
+        _check_no_lora(lora_request)
+        if tools:
+            raise ValueError("chat: tools are not supported yet: describe the tools in a system message instead")
+        if mm_processor_kwargs:
+            raise ValueError("chat: mm_processor_kwargs is not supported: forkserve runs text-only models")
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat: chat_template_content_format={chat_template_content_format!r} is not supported: "
+                             "text parts are joined into a string ('auto' or 'string')")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        inputs: list[PromptInput] = []
-        for i, conversation in enumerate(conversations):
-            label = f"conversation {i}"
-            if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
-                raise ValueError(f"{label}: messages must be a non-empty list of {{'role', 'content'}} dicts")
-            text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-            inputs.append(self.engine.make_prompt({"prompt_token_ids": ids, "prompt": text}, label))
-        return self._run(lambda: inputs, sampling_params, use_tqdm)
+
+        def make_inputs(params: list[SamplingParams]) -> list[PromptInput]:
+            inputs = []
+            for i, conversation in enumerate(conversations):
+                label = f"conversation {i}"
+                text = render_chat(tokenizer, conversation, label, chat_template=chat_template,
+                                   add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message,
+                                   chat_template_kwargs=chat_template_kwargs)
+                ids = tokenizer(text, add_special_tokens=False).input_ids
+                inputs.append(self.engine.make_prompt({"prompt_token_ids": ids, "prompt": text}, label,
+                                                      params[i].truncate_prompt_tokens))
+            return inputs
+
+        return self._run(make_inputs, len(conversations), sampling_params, use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    lora_request: None = None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's `LLM.beam_search`, with HF transformers' selection and length penalty.
 
         Per prompt, a `BeamSearchOutput` whose `sequences` (beam_width of them, best first by
         length-penalised score) have `tokens` (prompt included), `text` and `cum_logprob`.
-        The beams of all prompts advance together; beams share pages through the prefix tree.
-        `use_tqdm` is accepted for vLLM compatibility.
+        The beams of all prompts advance together (at most `concurrency_limit` prompts at a
+        time, as in vLLM); beams share pages through the prefix tree. `use_tqdm` is accepted
+        for vLLM compatibility.
         """
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"beam_search: params must be BeamSearchParams, got {type(params).__name__}")
+        _check_no_lora(lora_request)
+        if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"beam_search: concurrency_limit must be a positive integer or None, "
+                             f"got {concurrency_limit!r}")
         self.engine.check_width(params.beam_width, "beam_width", "beam_search")
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         inputs = [self.engine.make_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_list)]
-        ids = [f"beam-{next(self._request_counter)}" for _ in inputs]
-        return beam_search(self.engine, ids, inputs, params)
+        step = concurrency_limit or max(len(inputs), 1)
+        outputs: list[BeamSearchOutput] = []
+        for start in range(0, len(inputs), step):
+            chunk = inputs[start:start + step]
+            ids = [f"beam-{next(self._request_counter)}" for _ in chunk]
+            outputs += beam_search(self.engine, ids, chunk, params)
+        return outputs
 
     def start(self, prompt: PromptType, params: SamplingParams | None = None) -> Node:
         """The root of a search tree (see `forkserve.search.tree`); `params` are its forks' default."""
@@ -96,7 +150,7 @@ class LLM:
         """Generate the given pending tree-search nodes (default: all pending ones), batched together."""
         self._tree_search.advance(nodes)
 
-    def _run(self, make_inputs: Callable[[], list[PromptInput]],
+    def _run(self, make_inputs: Callable[[list[SamplingParams]], list[PromptInput]], count: int,
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
         """Validate (make_inputs raises on a bad prompt) and plan the whole batch, then run it."""
@@ -105,8 +159,10 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         with gc_frozen_for_batch():
             with gc_off_while_planning():
-                inputs = make_inputs()
-                params = self._params_per_request(sampling_params, len(inputs))
+                params = self._params_per_request(sampling_params, count)
+                inputs = make_inputs(params)
+                for i, (prompt, request_params) in enumerate(zip(inputs, params)):
+                    engine.check_fits(prompt, request_params, f"request {i}")
                 ids = [f"{next(self._request_counter)}" for _ in inputs]
                 engine.add_requests(list(zip(ids, inputs, params)))
             with tqdm(total=len(inputs), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
@@ -120,7 +176,7 @@ class LLM:
     def _params_per_request(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
                             count: int) -> list[SamplingParams]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * count
         else:
@@ -134,3 +190,20 @@ class LLM:
         if isinstance(params, SamplingParams):
             params.check(label)
         return self.engine.check_params(params, label)
+
+
+def _check_no_lora(lora_request: object) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request is not supported yet: merge the adapter into the weights and load that checkpoint")
+
+
+def _check_priority(priority: Sequence[int] | None, count: int) -> None:
+    """vLLM refuses a non-zero priority unless priority scheduling is on; forkserve has none."""
+    if priority is None:
+        return
+    priority = list(priority)
+    if len(priority) != count:
+        raise ValueError(f"priority has {len(priority)} entries for {count} prompts: give one per prompt")
+    if any(p != 0 for p in priority):
+        raise ValueError("priority other than 0 needs priority scheduling, which forkserve does not have yet: "
+                         "requests run in the planner's order (shared prefixes together); leave priority at 0")

@@ -32,7 +32,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.sample_seed)
+                            max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop,
+                            logprobs=args.logprobs)
     start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
@@ -44,6 +45,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- {prompt!r} (cached prompt tokens: {output.num_cached_tokens}, "
                   f"finish: {completion.finish_reason})")
             print(completion.text)
+            if completion.logprobs is not None:
+                for token, entry in zip(completion.token_ids, completion.logprobs):
+                    print("  " + "  ".join(f"{lp.decoded_token!r}: {lp.logprob:.3f}" + (" *" if t == token else "")
+                                           for t, lp in entry.items()))
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     cached = sum(o.num_cached_tokens for o in outputs)
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -63,16 +68,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def _tiny_family(value: str) -> str:
+    """Checked when make-tiny-model is parsed: its module imports torch, which --help must not wait for."""
+    from forkserve.model.tiny import FAMILIES
+
+    if value not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown family {value!r}: choose one of {', '.join(FAMILIES)}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forkserve", description=__doc__)
     parser.add_argument("--log-level", default=None, help="default: WARNING (INFO for run-batch and serve)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from forkserve.model.tiny import FAMILIES
-
     tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint with a real tokenizer")
     tiny.add_argument("dir")
-    tiny.add_argument("--family", default="llama", choices=FAMILIES)
+    tiny.add_argument("--family", default="llama", type=_tiny_family, help="llama, qwen2, qwen3 or mistral")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
 
@@ -88,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    gen.add_argument("--logprobs", type=int, default=None, help="print the top-k logprobs of each generated token")
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", add_help=False,

@@ -75,8 +75,26 @@ class EngineConfig:
     # --async-scheduling); a step whose draws feed a host decision (the first draw of n > 1, which
     # forks; penalties; beam and tree search) still waits for the previous step's tokens
     async_scheduling: bool = True
+    # vLLM's settings that forkserve takes with vLLM's meaning, or refuses with what to do instead
+    tokenizer_mode: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None  # hub revisions: a local directory is its own revision
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None  # where the hub would download to: nothing is downloaded
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    swap_space: float = 4  # GiB of CPU swap for preempted KV in vLLM v0; unused by vLLM v1 too
+    cpu_offload_gb: float = 0
+    disable_log_stats: bool = True
+    # "auto": sampling defaults from the checkpoint's generation_config.json; "vllm": vLLM's own
+    # defaults; or a directory holding a generation_config.json
+    generation_config: str = "auto"
+    enable_lora: bool = False
 
     def __post_init__(self) -> None:
+        self._check_vllm_settings()
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "min_shared_prefix_len", "max_n")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -97,6 +115,36 @@ class EngineConfig:
     def page_size(self) -> int:
         """Tokens per KV page: vLLM's block_size, by the name the engine uses for it."""
         return self.block_size
+    def _check_vllm_settings(self) -> None:
+        """vLLM settings forkserve cannot honour yet fail here, saying what to do instead."""
+        if self.trust_remote_code:
+            raise ValueError("trust_remote_code=True is refused: forkserve never runs a checkpoint's own code; it "
+                             "runs Llama, Mistral, Qwen2 and Qwen3 checkpoints with its own model code, without it")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {value!r}")
+            if value > 1:
+                raise ValueError(f"{name}={value} is not supported yet: forkserve runs a model on one GPU; "
+                                 f"use {name}=1 with a model that fits one device")
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet: give an unquantized "
+                             "(float16 / bfloat16 / float32) checkpoint")
+        if self.kv_cache_dtype != "auto":
+            if str(self.kv_cache_dtype).startswith("fp8"):
+                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet: the KV cache is "
+                                 "kept in the model's dtype; use kv_cache_dtype='auto'")
+            raise ValueError(f"invalid engine setting: kv_cache_dtype must be 'auto' (or vLLM's fp8 kinds, "
+                             f"not supported yet), got {self.kv_cache_dtype!r}")
+        if self.tokenizer_mode not in ("auto", "hf", "slow"):
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported: use 'auto' (the "
+                             "checkpoint's Hugging Face tokenizer)")
+        if self.cpu_offload_gb:
+            raise ValueError("cpu_offload_gb is not supported yet: the weights stay on the device; use 0")
+        if self.enable_lora:
+            raise ValueError("enable_lora=True is not supported yet: merge the adapter into the weights first")
+        if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
+            raise ValueError(f"invalid engine setting: swap_space must be a non-negative number, got {self.swap_space!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: object) -> "EngineConfig":

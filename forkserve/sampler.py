@@ -1,4 +1,9 @@
-"""Logits to tokens: penalties, temperature, min-p, top-k, top-p, seeded draws, logprobs.
+"""Logits to tokens: token masks, penalties, token controls (logit_bias, allowed_token_ids,
+bad_words), temperature, min-p, top-k, top-p, seeded draws, logprobs.
+
+A `TokenBitmask` (structured outputs) masks its rows' disallowed tokens to -inf first, on the
+logits' device for the whole step in one call, so every later stage (and the logprobs) sees
+only the allowed tokens, as in vLLM.
 
 Draws use the exponential race, ``argmax(probs / E)`` with ``E = -log(U)``. For a seeded row,
 U is a counter-based hash of (seed, step, token id), so a seeded request draws the same tokens
@@ -15,7 +20,7 @@ from typing import Sequence
 import torch
 
 from forkserve.kernels import gpu_kernels
-from forkserve.sampling_params import SamplingParams
+from forkserve.sampling_params import ALL_LOGPROBS, SamplingParams
 from forkserve.transfer import to_device
 
 
@@ -28,6 +33,19 @@ class SamplingRow:
     token_ids: Sequence[int]  # prompt then output so far (not copied: only penalties read it)
     num_prompt_tokens: int
     blocked_token_ids: Sequence[int] = ()  # masked this step (e.g. EOS before min_tokens)
+    bad_words_token_ids: Sequence[Sequence[int]] = ()  # token sequences the output must not contain
+
+    def banned_token_ids(self) -> list[int]:
+        """Tokens masked at this draw: the blocked ones, and each bad word's last token where the
+        output so far ends with the rest of that word (vLLM's rule, over output tokens only)."""
+        banned = list(self.blocked_token_ids)
+        if self.bad_words_token_ids:
+            output = self.output_token_ids
+            for word in self.bad_words_token_ids:
+                prefix = len(word) - 1
+                if prefix == 0 or (len(output) >= prefix and list(output[len(output) - prefix:]) == list(word[:-1])):
+                    banned.append(word[-1])
+        return banned
 
     @property
     def step(self) -> int:
@@ -41,6 +59,29 @@ class SamplingRow:
     @property
     def output_token_ids(self) -> Sequence[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed tokens of a step's constrained rows: bit t of `words[row]` (32 tokens a word, int32,
+    on the host, pinned when the logits are on a GPU) set when token t may be drawn. Only `rows`
+    are read; the others draw freely."""
+
+    words: torch.Tensor  # [rows of the step, ceil(vocab / 32)]
+    rows: list[int]
+
+    def slice(self, start: int, stop: int) -> TokenBitmask | None:
+        """The part for draw rows [start, stop), renumbered from 0 (None if none of them is constrained)."""
+        rows = [row - start for row in self.rows if start <= row < stop]
+        return TokenBitmask(self.words[start:stop], rows) if rows else None
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the disallowed logits of the constrained rows to -inf, in place, on logits' device
+        (xgrammar's kernel: Triton / CUDA on a GPU, torch on the CPU)."""
+        from xgrammar import apply_token_bitmask_inplace
+
+        words = self.words if logits.device.type == "cpu" else self.words.to(logits.device, non_blocking=True)
+        apply_token_bitmask_inplace(logits, words, vocab_size=logits.shape[-1], indices=self.rows)
 
 
 @dataclass
@@ -137,7 +178,7 @@ def _is_plain(row: SamplingRow) -> bool:
     p = row.params
     return row.seed is None and not row.blocked_token_ids and p.logprobs is None and p.top_k <= 0 \
         and p.top_p >= 1.0 and p.min_p <= 0.0 and p.repetition_penalty == 1.0 \
-        and not p.frequency_penalty and not p.presence_penalty
+        and not p.frequency_penalty and not p.presence_penalty and not p.controls_tokens
 
 
 # Rows the general path draws at once: its [rows, vocab] temporaries (fp32 copies, the top-p
@@ -149,6 +190,25 @@ def _is_plain(row: SamplingRow) -> bool:
 GENERAL_PATH_ROWS = 64
 
 
+def _apply_token_controls(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logit_bias added and tokens outside allowed_token_ids masked, in place, on the rows that
+    ask (one scatter each over those rows only). Logprobs stay those of the raw logits, as in vLLM."""
+    bias = [(i, token, value) for i, r in enumerate(rows) if r.params.logit_bias
+            for token, value in r.params.logit_bias.items()]
+    if bias:
+        index = to_device([(i, token) for i, token, _ in bias], logits.device, torch.long)
+        values = to_device([value for _, _, value in bias], logits.device, torch.float32)
+        logits.index_put_((index[:, 0], index[:, 1]), values.to(logits.dtype), accumulate=True)
+    restricted = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
+    if restricted:
+        allowed = _pad([rows[i].params.allowed_token_ids for i in restricted], logits.shape[1], logits.device)
+        keep = torch.zeros(len(restricted), logits.shape[1] + 1, dtype=torch.bool, device=logits.device)
+        keep = keep.scatter_(1, allowed, True)[:, :-1]
+        index = to_device(restricted, logits.device, torch.long)
+        logits[index] = logits[index].masked_fill(~keep, float("-inf"))
+    return logits
+
+
 class Sampler:
     def __init__(self, seed: int | None = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -157,18 +217,23 @@ class Sampler:
             self.generator.manual_seed(seed)
         self._philox = random.Random(seed)  # seeds of the GPU kernel's draws, chosen without a device sync
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        return self.draw(logits, rows).to_host()
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 bitmask: TokenBitmask | None = None) -> SamplerOutput:
+        return self.draw(logits, rows, bitmask).to_host()
 
-    def draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> Draws:
-        """The step's draws as device tensors; nothing here waits for the GPU."""
+    def draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow], bitmask: TokenBitmask | None = None) -> Draws:
+        """The step's draws as device tensors; nothing here waits for the GPU. `bitmask` is applied
+        to `logits` in place."""
+        if bitmask is not None:
+            bitmask.apply(logits)
         kernels = gpu_kernels("sampling", logits)
         if kernels is not None and all(_is_plain(r) for r in rows):
             temperatures = to_device([0.0 if r.params.greedy else r.params.temperature for r in rows],
                                      logits.device, torch.float32)
             tokens, chosen = kernels.sample(logits, temperatures, self._philox.getrandbits(31))
             return Draws(tokens, chosen, [None] * len(rows))
-        wanted = [r.params.logprobs for r in rows]
+        vocab = logits.shape[-1]
+        wanted = [vocab if r.params.logprobs == ALL_LOGPROBS else r.params.logprobs for r in rows]
         k = max((w if w is not None else -1) for w in wanted)
         parts = [self._draw_general(logits[i:i + GENERAL_PATH_ROWS], rows[i:i + GENERAL_PATH_ROWS], k)
                  for i in range(0, len(rows), GENERAL_PATH_ROWS)]
@@ -186,7 +251,9 @@ class Sampler:
         log_normaliser = torch.logsumexp(logits, dim=-1)
         raw_logits = logits
         logits = self._apply_penalties(logits, rows)
-        blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
+        if any(r.params.controls_tokens for r in rows):
+            logits = _apply_token_controls(logits.clone() if logits is raw_logits else logits, rows)
+        blocked = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids()]
         if blocked:
             index = to_device(blocked, logits.device, torch.long)
             logits = logits.clone() if logits is raw_logits else logits

@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from dataclasses import dataclass
 from typing import Any
 
+from forkserve.structured.params import StructuredOutputsParams
+
 _GREEDY_TEMPERATURE = 1e-5  # below this vLLM samples greedily
-MAX_LOGPROBS = 20
+ALL_LOGPROBS = -1  # logprobs / prompt_logprobs: the whole vocabulary (vLLM's -1)
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's output kinds. `LLM.generate` returns each request's final output whatever the kind
+    (as vLLM's `LLM` does); the server streams deltas of its own."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 def _fail(name: str, why: str, value: Any) -> ValueError:
@@ -32,6 +44,9 @@ class SamplingParams:
     a request's tokens do not depend on what shares its batch). best_of > n draws best_of
     samples (seeds s .. s + best_of - 1) and returns the n of highest cumulative logprob, best
     first, re-indexed 0..n-1. The engine caps n and best_of at its `max_n` setting.
+
+    structured_outputs (a `StructuredOutputsParams`) constrains the output to a JSON schema,
+    regex, choice or grammar; each sample keeps its own position in the grammar.
     """
 
     n: int = 1
@@ -53,6 +68,15 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (text stays empty; stop strings need it)
+    logit_bias: dict[int, float] | None = None  # added to the token's logit before sampling
+    allowed_token_ids: list[int] | None = None  # only these may be drawn
+    bad_words: list[str] | None = None  # never generated (each word's tokens, with and without a leading space)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = None  # carried for the caller, unread by the engine (as in vLLM)
 
     def __init__(self, **kwargs: Any) -> None:
         defaults = _field_defaults()
@@ -131,10 +155,12 @@ class SamplingParams:
             raise _fail("min_tokens", "must be non-negative", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _fail("min_tokens", f"must not exceed max_tokens ({self.max_tokens})", self.min_tokens)
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
-        if self.prompt_logprobs is not None:
-            raise _fail("prompt_logprobs", "is not supported yet", self.prompt_logprobs)
+        if values["structured_outputs"] is not None and not isinstance(values["structured_outputs"],
+                                                                       StructuredOutputsParams):
+            raise _fail("structured_outputs", "must be a StructuredOutputsParams", values["structured_outputs"])
+        for name in ("logprobs", "prompt_logprobs"):  # the upper bound is the engine's max_logprobs
+            if getattr(self, name) is not None and getattr(self, name) < ALL_LOGPROBS:
+                raise _fail(name, "must be -1 (the whole vocabulary) or non-negative", getattr(self, name))
         self.stop = self._stop_list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
@@ -142,6 +168,49 @@ class SamplingParams:
                 not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise _fail("stop_token_ids", "must be a list of non-negative token ids", self.stop_token_ids)
         self.stop_token_ids = list(self.stop_token_ids)
+        self._validate_token_controls()
+        if self.truncate_prompt_tokens is not None and not (
+                _is_int(self.truncate_prompt_tokens) and (self.truncate_prompt_tokens >= 1 or
+                                                          self.truncate_prompt_tokens == -1)):
+            raise _fail("truncate_prompt_tokens", "must be -1 or a positive integer", self.truncate_prompt_tokens)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise _fail("output_kind", "must be a RequestOutputKind", self.output_kind)
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise _fail("extra_args", "must be a dict or None", self.extra_args)
+        if not self.detokenize and self.stop:
+            raise _fail("stop", "needs detokenize=True (stop strings are matched in the text)", self.stop)
+
+    def _validate_token_controls(self) -> None:
+        """logit_bias, allowed_token_ids and bad_words: shapes here, token ids against the
+        vocabulary in `Engine.check_params` (the vocabulary is the model's)."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise _fail("logit_bias", "must be a dict of token id -> bias", self.logit_bias)
+            bias = {}
+            for token, value in self.logit_bias.items():
+                try:  # JSON objects key by strings: "50256" means token 50256, as in OpenAI's API
+                    token_id = int(token) if isinstance(token, str) else token
+                except ValueError:
+                    raise _fail("logit_bias", "keys must be token ids", token) from None
+                if not _is_int(token_id) or not _is_number(value):
+                    raise _fail("logit_bias", "must map token ids to numbers", {token: value})
+                bias[token_id] = float(value)
+            self.logit_bias = bias or None
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(t) for t in ids):
+                raise _fail("allowed_token_ids", "must be a non-empty list of token ids", ids)
+            self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise _fail("bad_words", "must be a list of non-blank strings", words)
+            self.bad_words = list(words) or None
+
+    @property
+    def controls_tokens(self) -> bool:
+        """Does it bias, restrict or ban tokens (the sampler's masked step)?"""
+        return self.logit_bias is not None or self.allowed_token_ids is not None or self.bad_words is not None
 
     @staticmethod
     def _stop_list(stop: Any) -> list[str]:
@@ -158,7 +227,8 @@ class SamplingParams:
 _FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
 _INT_FIELDS = ("n", "top_k", "min_tokens")
 _OPTIONAL_INT_FIELDS = ("best_of", "seed", "max_tokens", "logprobs", "prompt_logprobs")
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "spaces_between_special_tokens",
+                "detokenize")
 
 
 @functools.cache

@@ -3,18 +3,25 @@
 #   bash scripts/device_check.sh STEP...
 # STEP is one of:
 #   tests[:EXPR]                   the GPU test suite (tests/test_gpu.py), or its tests matching pytest -k EXPR
-#   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the Llama-3.1-8B shape
+#   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the model shape
 #                                  (engine arguments: $ENGINE_ARGS, JSON, default the runs' max_num_seqs 1024, 16K tokens)
-#   profile:ARGS                   python -m benchmarks.profile .shared/llama-3.1-8b ARGS (ARGS space-separated)
-#   phases:ARGS                    python -m benchmarks.phases .shared/llama-3.1-8b ARGS (host time per step phase)
+#   profile:ARGS                   python -m benchmarks.profile .shared/$MODEL_SHAPE ARGS (ARGS space-separated)
+#   phases:ARGS                    python -m benchmarks.phases .shared/$MODEL_SHAPE ARGS (host time per step phase)
 #   probe[:PARTS]                  python scripts/attention_probe.py [PARTS, comma-separated: own,level,triton,gemm]
+#   moe_probe                      python scripts/moe_probe.py .shared/$MODEL_SHAPE (MoE time per decode step vs bytes)
+# The model shape is .shared/$MODEL_SHAPE/config.json with dummy weights: MODEL_SHAPE=llama-3.1-8b (default) or
+# qwen3-30b-a3b (a mixture of experts), e.g. MODEL_SHAPE=qwen3-30b-a3b bash scripts/device_check.sh bench:samples:both
 # e.g. bash scripts/device_check.sh tests "profile:--batch 1024 --context 2100 --shared 2000 --cascade on,off" \
 #        bench:nosharing,sharedprefix,samples:both
-# Needs (carried, ignored): .wheels/ (flashinfer-python + its missing deps), .shared/ (a copy of
+#      bash scripts/device_check.sh tests:structured bench:extraction,extractionfree:both   (structured outputs:
+#        apart from the other workloads, since with a tokenizer in the model directory both engines load it)
+# Needs (carried, ignored): .wheels/ (flashinfer-python + its missing deps; for structured outputs xgrammar
+# >= 0.2.7 with apache-tvm-ffi and pydantic (+ pydantic-core), and jsonschema with its deps for the tests), .shared/ (a copy of
 # ../shared/bench), and optionally .fi-cache/ (FlashInfer + Triton JIT output from an earlier run,
 # saved again under $OUT at the end). vLLM runs only where /tmp/vsite holds it (../shared/device/README.md).
 set -uo pipefail
 default_engine_args='{"max_num_seqs": 1024, "max_num_batched_tokens": 16384}'
+shape=.shared/${MODEL_SHAPE:-llama-3.1-8b}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
@@ -44,23 +51,25 @@ for step in "$@"; do
                 | tail -25 ;;
         bench:*)
             IFS=: read -r _ workloads engine <<< "$step"
-            timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench --model-config .shared/llama-3.1-8b \
+            timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench --model-config "$shape" \
                 --engine "${engine:-forkserve}" --workloads "$workloads" --out "$out" \
                 --engine-args "${ENGINE_ARGS:-$default_engine_args}" 2>&1 \
                 | awk '!/ INFO / || /KV cache size|Maximum concurrency|KV pool/' | tee -a "$out/bench.log" ;;
         profile:*)
             # shellcheck disable=SC2086
-            timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.profile .shared/llama-3.1-8b ${step#profile:} \
+            timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.profile "$shape" ${step#profile:} \
                 --out "$out/profile-$(date +%s).json" 2>&1 | grep -vE " INFO |UserWarning|_warn_once" ;;
         phases:*)
             # shellcheck disable=SC2086
-            timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.phases .shared/llama-3.1-8b ${step#phases:} 2>&1 \
+            timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.phases "$shape" ${step#phases:} 2>&1 \
                 | grep -vE " INFO |UserWarning|_warn_once" ;;
         probe|probe:*)
             parts=${step#probe}
             # shellcheck disable=SC2086
             timeout "${PROFILE_TIMEOUT:-300}" python3 scripts/attention_probe.py ${parts:+${parts#:}} 2>&1 \
                 | grep -vE "UserWarning|_warn_once" ;;
+        moe_probe)
+            timeout "${PROFILE_TIMEOUT:-300}" python3 scripts/moe_probe.py "$shape" 2>&1 | grep -vE "UserWarning|_warn_once" ;;
         *)
             echo "unknown step $step" ;;
     esac

@@ -6,11 +6,11 @@ import random
 import pytest
 
 from forkserve import SamplingParams
-from forkserve.engine.engine import Engine
+from forkserve.engine.in_flight import InFlightStep
 from cpu_llm import cpu_llm
 
 
-def _batch(vocab: int) -> tuple[list[dict], list[SamplingParams]]:
+def _batch(vocab: int, max_model_len: int) -> tuple[list[dict], list[SamplingParams]]:
     rng = random.Random(11)
     prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(rng.randint(2, 30))]} for _ in range(12)]
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 25)) for _ in range(4)]
@@ -18,6 +18,9 @@ def _batch(vocab: int) -> tuple[list[dict], list[SamplingParams]]:
     # A third of the vocabulary stops these: they end early, most of them after min_tokens.
     params += [SamplingParams(temperature=1.0, seed=seed, max_tokens=20, min_tokens=5,
                               stop_token_ids=list(range(3, vocab // 3))) for seed in range(4)]
+    # max_tokens past the context is refused (as vLLM's server does): those run to the context's end instead
+    params = [p.replace(max_tokens=None) if len(prompt["prompt_token_ids"]) + p.max_tokens > max_model_len else p
+              for prompt, p in zip(prompts, params)]
     return prompts, params
 
 
@@ -25,13 +28,13 @@ def _batch(vocab: int) -> tuple[list[dict], list[SamplingParams]]:
 def launched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Rows of each step that was queued ahead and resolved later (async scheduling at work)."""
     rows: list[int] = []
-    resolve = Engine._resolve
+    resolve = InFlightStep.resolve
 
-    def counting_resolve(self: Engine, step):  # noqa: ANN001
-        rows.append(len(step.seqs))
-        return resolve(self, step)
+    def counting_resolve(self: InFlightStep, stops):  # noqa: ANN001
+        rows.append(len(self.seqs))
+        return resolve(self, stops)
 
-    monkeypatch.setattr(Engine, "_resolve", counting_resolve)
+    monkeypatch.setattr(InFlightStep, "resolve", counting_resolve)
     return rows
 
 
@@ -42,7 +45,7 @@ def test_async_scheduling_matches_sync(tiny_model_factory, launched: list[int], 
     for async_scheduling in (False, True):
         llm = cpu_llm(model, num_gpu_blocks_override=pool, async_scheduling=async_scheduling,
                       reserve_output_kv=False, max_model_len=48)
-        prompts, params = _batch(llm.engine.model_config.vocab_size)
+        prompts, params = _batch(llm.engine.model_config.vocab_size, max_model_len=48)
         outputs[async_scheduling] = llm.generate(prompts, params, use_tqdm=False)
         if pool < 100:
             assert llm.engine.scheduler.num_preemptions > 0

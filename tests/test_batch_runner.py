@@ -161,6 +161,7 @@ def test_torn_last_line_is_cut_and_redone(model_dir: str, tmp_path: Path) -> Non
     assert results["r2"]["response"]["status_code"] == 200
 
 
+@pytest.mark.slow  # several engine start-ups in subprocesses
 def test_kill_9_then_resume(model_dir: str, tmp_path: Path) -> None:
     """SIGKILL at several points (no output yet, some lines, most lines); reruns finish the file."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

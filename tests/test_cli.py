@@ -15,7 +15,7 @@ from forkserve.cli import main
 from forkserve.model.tiny import FAMILIES
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "mistral": "MistralForCausalLM"}
+                 "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 def test_make_tiny_model_family_and_seed(tiny_model_factory, tmp_path: Path, capsys) -> None:

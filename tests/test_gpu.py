@@ -15,6 +15,8 @@ from forkserve.worker.attention.base import AttentionMetadata
 from forkserve.worker.attention.reference import ReferenceBackend
 from forkserve.engine.sharing import CascadeRule
 from forkserve.worker.kv_cache import KVCache
+from forkserve.model import moe
+from moe_routing import routing_case
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -210,15 +212,60 @@ def test_gpu_sampling_kernels() -> None:
         assert torch.allclose(logprobs, torch.log_softmax(spread, dim=-1)[tokens], atol=1e-4)
 
 
+MOE_CASES = [  # (routing, tokens): Qwen3-30B-A3B's expert shapes; decode-sized to prefill-chunk-sized
+    ("random", 1), ("random", 64), ("random", 1000), ("random", 4096),
+    ("few_experts_only", 300), ("one_expert_gets_all", 2000),
+]
+
+
+@pytest.mark.parametrize("case, tokens", MOE_CASES, ids=[f"{c}-T{t}" for c, t in MOE_CASES])
+def test_fused_moe_matches_reference(case: str, tokens: int) -> None:
+    """The Triton MoE (routing kernel, sort by expert, grouped GEMMs) against the pure-torch
+    reference in bf16; then the same block captured in a CUDA graph and replayed on other routing."""
+    from forkserve.kernels import moe as kernels
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    num_experts, top_k, hidden, intermediate = 128, 8, 2048, 768
+    generator = torch.Generator().manual_seed(tokens)
+    w13 = (torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) / hidden ** 0.5).to(device, dtype)
+    w2 = (torch.randn(num_experts, hidden, intermediate, generator=generator) / intermediate ** 0.5).to(device, dtype)
+    x = torch.randn(tokens, hidden, generator=generator).to(device, dtype)
+    experts = routing_case(case, tokens, num_experts, top_k, generator).to(device, torch.int32)
+    weights = torch.rand(tokens, top_k, generator=generator).to(device)
+    expected = moe.reference_moe(x, w13, w2, weights, experts)
+    got = kernels.fused_moe(x, w13, w2, weights, experts)
+    assert relative_error(got, expected) < 1e-2, relative_error(got, expected)
+
+    # distinct logits 0.1 apart: the two softmaxes' last-bit differences cannot reorder experts
+    logits = torch.stack([torch.randperm(num_experts, generator=generator) for _ in range(tokens)]).to(device) * 0.1
+    routed = kernels.route(logits, top_k, True)
+    reference_routed = moe.route(logits, top_k, True)
+    assert torch.equal(routed[1], reference_routed[1]) and torch.allclose(routed[0], reference_routed[0], atol=1e-6)
+
+    out = torch.empty_like(x)
+    kernels.fused_moe(x, w13, w2, weights, experts, out)  # compiled before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.fused_moe(x, w13, w2, weights, experts, out)
+    experts.copy_(routing_case("random", tokens, num_experts, top_k, generator).to(device, torch.int32))
+    graph.replay()
+    rerouted = moe.reference_moe(x, w13, w2, weights, experts)
+    assert relative_error(out, rerouted) < 1e-2
+
+
 NEAR_TIE = 2e-2  # fp16 logits: closer top-2 candidates may legitimately swap between kernels
 
 
 @pytest.mark.parametrize("family,cascade,tensor_cores", [("llama", False, False), ("qwen3", False, True),
-                                                        ("llama", True, False)])
-def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, cascade: bool, tensor_cores: bool) -> None:
+                                                        ("llama", True, False), ("qwen3_moe", False, False),
+                                                        ("mixtral", True, False)])
+def test_gpu_greedy_equals_reference_path(tiny_model_factory, monkeypatch, family: str, cascade: bool,  # noqa: ANN001
+                                          tensor_cores: bool) -> None:
     """Same greedy tokens through FlashInfer + CUDA graphs (+ cascade levels, forced on prompts
     sharing a system prompt; the tensor-core decode kernel forced, or the CUDA-core one these
-    short sequences get) as through the reference backend with plain attention (fp16).
+    short sequences get; the Triton MoE for the MoE families) as through the reference backend
+    with plain attention and the pure-torch MoE (fp16).
 
     A sequence is compared up to the first step where the reference's two best logprobs are
     within NEAR_TIE (a tie either path may break either way); every sequence must agree that far.
@@ -250,6 +297,7 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
     assert (llm.engine.stats()["cascade_steps"] > 0) == cascade
     assert (max(replayed_levels) > 0) == cascade, "decode steps with shared levels never replayed a graph"
     assert replayed_kernels == {tensor_cores}
+    monkeypatch.setattr(moe, "gpu_kernels", lambda name, x: None)  # the MoE block's reference path
     ref = LLM(model, attention_backend="reference", enforce_eager=True, disable_cascade_attn=True,
               **common).generate(prompts, params, use_tqdm=False)
     compared = 0
@@ -262,6 +310,31 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, family: str, casca
     # Random tiny weights give flat distributions, so near-ties are common: 189 of 480 steps come
     # before one on an H100. Demanding 30% keeps the test meaningful without flaking.
     assert compared >= 0.3 * 40 * len(prompts), f"only {compared} tokens compared: too many near-ties"
+
+
+def test_gpu_token_controls_and_prompt_logprobs(tiny_model_factory) -> None:
+    """vLLM's token controls and prompt logprobs on the GPU path (FlashInfer prefill, CUDA graphs,
+    the sampler's kernels for plain rows beside general-path rows): prompt logprobs equal the
+    reference backend's (fp32), a biased row always draws its token, an allowed-token row stays in
+    its set, and a plain row batched with them draws what it draws alone."""
+    model = str(tiny_model_factory("llama", head_dim=64))
+    common = dict(dtype="float32", max_model_len=256, num_gpu_blocks_override=256, max_num_seqs=8)
+    prompt = {"prompt_token_ids": [random.Random(1).randrange(3, 700) for _ in range(60)]}
+    asks = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=3)
+    gpu = LLM(model, device="cuda", max_num_batched_tokens=32, **common)  # prefill in two chunks
+    ref = LLM(model, device="cpu", attention_backend="reference", enforce_eager=True, **common)
+    got, want = (llm.generate(prompt, asks, use_tqdm=False)[0].prompt_logprobs for llm in (gpu, ref))
+    ids = prompt["prompt_token_ids"]
+    assert got[0] is None and len(got) == len(want) == len(ids)
+    for p in range(1, len(ids)):
+        assert abs(got[p][ids[p]].logprob - want[p][ids[p]].logprob) < 1e-3
+    plain = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=5)
+    alone = gpu.generate(prompt, plain, use_tqdm=False)[0].outputs[0].token_ids
+    outs = gpu.generate([prompt] * 3, [plain, plain.replace(logit_bias={9: 100.0}),
+                                       plain.replace(allowed_token_ids=[11, 12])], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == alone
+    assert outs[1].outputs[0].token_ids == [9] * 8
+    assert set(outs[2].outputs[0].token_ids) <= {11, 12}
 
 
 @pytest.fixture
@@ -311,3 +384,30 @@ def test_profiled_step_peak_covers_every_step(wide_vocab_model: str) -> None:
     rise = torch.cuda.max_memory_allocated() - before
     assert rise <= llm.engine.worker.step_memory.eager_peak, \
         f"steps rose {rise / 2**20:.0f} MiB, the profile measured {llm.engine.worker.step_memory.eager_peak / 2**20:.0f}"
+
+
+def test_structured_outputs_on_the_gpu(tiny_model_factory) -> None:
+    """Token masks applied to the GPU's logits (xgrammar's kernel, bf16) before the general sampler
+    (seeded rows) and the Triton kernels (unseeded plain rows), through CUDA graphs, with masks
+    filled a step ahead (async scheduling) and after each step's draws: every constrained output
+    validates. (That both fillings give the same tokens is checked on the CPU in fp32: here a batch
+    that differs by a row changes bf16 logits in their last bits.)"""
+    pytest.importorskip("xgrammar")
+    pytest.importorskip("jsonschema")
+    from test_structured_outputs import check_output, constrained_batch, grammar_text
+
+    model = str(tiny_model_factory("llama", head_dim=64))
+    batch = constrained_batch()
+    prompts = [p for p, _ in batch]
+    seeded = [s for _, s in batch]
+    common = dict(device="cuda", dtype="bfloat16", max_model_len=512, num_gpu_blocks_override=512, max_num_seqs=64)
+    for async_scheduling in (True, False):
+        llm = LLM(model, async_scheduling=async_scheduling, **common)
+        for params in (seeded, [s.replace(seed=None) for s in seeded]):
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            for p, out in zip(params, outputs):
+                assert len(out.outputs) == p.n
+                for completion in out.outputs:
+                    if p.structured_outputs is not None:
+                        assert completion.finish_reason == "stop", completion.text
+                        check_output(p.structured_outputs, grammar_text(llm, completion.token_ids))

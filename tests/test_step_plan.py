@@ -3,6 +3,7 @@ dataclasses of them, all of it serialisable without pickle (what tensor-parallel
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 
 import numpy as np
@@ -20,6 +21,10 @@ def plain(value: object, where: str) -> object:
     such as a sequence, a tree node or a tensor."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, enum.Enum):  # a settings value such as SamplingParams.output_kind
+        return value.name
+    if isinstance(value, dict):  # e.g. SamplingParams.logit_bias
+        return {str(plain(k, f"{where} key")): plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, np.ndarray):
         assert value.dtype.kind in "iub", f"{where}: array of {value.dtype}"
         return [str(value.dtype), list(value.shape), value.tobytes().hex()]
@@ -37,7 +42,7 @@ def test_plans_are_plain_data_and_carry_forks_sharing_and_placeholders(tiny_mode
     worker = llm.engine.worker
     execute, launch = worker.execute, worker.launch
     worker.execute = lambda plan: plans.append(plan) or execute(plan)
-    worker.launch = lambda plan, previous: plans.append(plan) or launch(plan, previous)
+    worker.launch = lambda plan, previous, bitmask=None: plans.append(plan) or launch(plan, previous, bitmask)
     system = list(range(10, 52))  # prompts of 45 tokens: forks copy a partly filled page
     prompts = [{"prompt_token_ids": system + [60 + i, 61 + i, 62]} for i in range(4)]
     params = [SamplingParams(temperature=0.8, seed=i, n=3, max_tokens=6, ignore_eos=True) for i in range(2)] + \

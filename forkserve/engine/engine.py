@@ -5,35 +5,31 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+import time
 from typing import Callable, Sequence as Seq
 
 from forkserve.config import EngineConfig
 from forkserve.engine.forks import fork_kv, new_children
-from forkserve.engine.inputs import InputProcessor, PromptInput, load_tokenizer
+from forkserve.engine.in_flight import InFlightStep
+from forkserve.engine.generation_defaults import generation_defaults
+from forkserve.engine.inputs import InputProcessor, PromptInput, check_local_model, load_tokenizer
 from forkserve.engine.output_processor import OutputProcessor
 from forkserve.engine.pages import PagePool
+from forkserve.engine.request_metrics import EngineMetrics
 from forkserve.engine.scheduler import ScheduledSeq, Scheduler
 from forkserve.engine.sequence import Request, Sequence, SequenceStatus
 from forkserve.engine.sharing import CascadeRule
 from forkserve.engine.stats import EngineCounters, engine_stats, live_metrics, request_progress
 from forkserve.engine.step_builder import StepBuilder
-from forkserve.engine.stopping import StopChecker, reaches_length
+from forkserve.engine.stopping import StopChecker
+from forkserve.engine.structured import StructuredOutputs
 from forkserve.engine.tree import PrefixTree
 from forkserve.outputs import RequestOutput
 from forkserve.sampling_params import SamplingParams
-from forkserve.worker.plan import PLACEHOLDER, SamplerOutput, StepResult
-from forkserve.worker.worker import LaunchedStep, Worker
+from forkserve.worker.plan import StepResult
+from forkserve.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class InFlightStep:
-    """A queued step (async scheduling): its sampling sequences, in row order, and its draws."""
-
-    seqs: list[Sequence]
-    launched: LaunchedStep
 
 
 class Engine:
@@ -41,24 +37,34 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        check_local_model(config.model)
         cascade_rule = None if config.disable_cascade_attn else CascadeRule()
         self.worker = Worker(config, cascade_rule.max_levels if cascade_rule is not None else 0)
         self.model_config = self.worker.model_config
         self.max_model_len = self.worker.max_model_len
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
-        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
-                                     config.max_logprobs, config.max_n)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stop_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(self.tokenizer.eos_token_id)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.stop_token_ids,
+                                            self.worker.device.type == "cuda")
+        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
+                                     config.max_logprobs, config.max_n, self.structured.check)
+        # the front ends' validation (engine/inputs.py), where they have always called it
+        self.make_prompt, self.check_params = self.inputs.make_prompt, self.inputs.check_params
+        self.check_fits, self.check_width = self.inputs.check_fits, self.inputs.check_width
+        # SamplingParams fields the checkpoint's generation_config.json sets (vLLM's generation_config="auto")
+        self.default_sampling_overrides = generation_defaults(config.model, config.generation_config)
+        self.request_metrics = EngineMetrics()  # vLLM's per-request histograms (time to first token, ...)
         self.steps = StepBuilder(config.page_size, cascade_rule, self.stop_token_ids)
         self.pool = PagePool(self.worker.num_pages, config.page_size)
         self.tree = PrefixTree(self.pool, self.steps.page_copies, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
-        self.stops = StopChecker(self.stop_token_ids, self.max_model_len, self.outputs, self.scheduler)
+        self.stops = StopChecker(self.stop_token_ids, self.max_model_len, self.outputs, self.scheduler,
+                                 self.request_metrics)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.counters = EngineCounters()
@@ -68,49 +74,53 @@ class Engine:
                     self.max_model_len)
 
     # ----------------------------------------------------------------------------- requests
-    def make_prompt(self, prompt: object, label: str) -> PromptInput:
-        return self.inputs.make_prompt(prompt, label)
+    def get_tokenizer(self):
+        """The engine's tokenizer (vLLM's `LLMEngine.get_tokenizer`)."""
+        return self.tokenizer
 
-    def check_params(self, params: object, label: str) -> SamplingParams:
-        return self.inputs.check_params(params, label)
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached page no sequence holds (vLLM's reset_prefix_cache); True when none is left."""
+        self.tree.evict(self.tree.num_evictable_pages)
+        return self.tree.num_evictable_pages == 0
 
-    def check_width(self, value: int | None, name: str, label: str) -> None:
-        self.inputs.check_width(value, name, label)
-
-    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Request:
-        """Enqueue a validated request: one sequence, which forks into the samples at its first draw."""
+    def add_request(self, request_id: str, prompt: PromptInput | str | dict, params: SamplingParams) -> Request:
+        """Enqueue a request: one sequence, which forks into the samples at its first draw. A prompt
+        not yet validated (text or a prompt dict, as vLLM's `LLMEngine.add_request` takes) is
+        validated here, with its params."""
+        if not isinstance(prompt, PromptInput):
+            label = f"request {request_id}"
+            prompt = self.make_prompt(prompt, label, self.check_params(params, label).truncate_prompt_tokens)
         return self.add_requests([(request_id, prompt, params)])[0]
 
     def add_requests(self, batch: Seq[tuple[str, PromptInput, SamplingParams]]) -> list[Request]:
         """Enqueue validated requests as one batch: the planner orders them so that every prefix
         they share is prefilled once (planner.py). Nothing is queued if an id is taken."""
         seen: set[str] = set()
-        for request_id, _, _ in batch:
+        for request_id, prompt, params in batch:
             if request_id in self.requests or request_id in seen:
                 raise ValueError(f"request id {request_id!r} is already in use")
+            self.check_fits(prompt, params, f"request {request_id}")
             seen.add(request_id)
         requests = [self.new_request(request_id, prompt, params, max(params.n, params.best_of or 1))
                     for request_id, prompt, params in batch]
-        self.scheduler.add_batch([request.seqs[0] for request in requests])
         for request in requests:
             self.requests[request.request_id] = request
+        self._enqueue(self.structured.route(requests))  # constrained ones wait for their grammars
         return requests
+
+    def _enqueue(self, requests: list[Request]) -> None:
+        """Queue requests as one planned batch, each constrained one at the start of its grammar."""
+        self.structured.start(requests)
+        self.scheduler.add_batch([request.seqs[0] for request in requests])
 
     def new_request(self, request_id: str, prompt: PromptInput, params: SamplingParams, num_samples: int = 1,
                     hold: bool = False) -> Request:
-        """A request with its first sequence, not queued.
-
-        With hold, that sequence starts as a held one with nothing computed: a search root, which
-        runs when probed or forked.
-        """
-        request = Request(request_id, prompt.text, prompt.token_ids, params, num_samples=num_samples, hold=hold)
+        """A request with its first sequence, not queued (with hold: a search root, held with nothing
+        computed, which runs when probed or forked)."""
         self.counters.prompt_tokens += len(prompt.token_ids)
-        seq = Sequence(next(self._seq_ids), request, 0, list(prompt.token_ids), len(prompt.token_ids),
-                       request.sample_seed(0), logprobs=[] if params.logprobs is not None else None)
-        if hold:
-            seq.status = SequenceStatus.FINISHED
-        request.seqs.append(seq)
-        return request
+        bad_words = self.inputs.bad_words_token_ids(params.bad_words) if params.bad_words else []
+        return Request.start(request_id, prompt.text, prompt.token_ids, params, next(self._seq_ids), num_samples,
+                             hold, bad_words)
 
     # ----------------------------------------------------------------------------- branches
     def fork(self, parent: Sequence, k: int, request: Request | None = None) -> list[Sequence]:
@@ -121,6 +131,8 @@ class Engine:
         it; others wait for admission. See `forks.fork_kv` for how the KV is shared.
         """
         children = new_children(parent, k, request, self._seq_ids)
+        for child in children:
+            child.grammar = self.structured.child_grammar(parent, child.request)
         fork_kv(self.scheduler, parent, children)
         for child in children:
             if parent.status is SequenceStatus.RUNNING and child.kv is not None:
@@ -149,7 +161,7 @@ class Engine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its pages; unknown or finished ids are ignored."""
         request = self.requests.pop(request_id, None)
-        if request is not None:
+        if request is not None and not self.structured.abort(request):
             for seq in request.seqs:
                 if not seq.is_finished:
                     seq.finish_reason = "abort"
@@ -172,11 +184,8 @@ class Engine:
         return live_metrics(self.requests.values(), self.pool, self.tree)
 
     def peek_output(self, request_id: str) -> RequestOutput | None:
-        """A snapshot of an unfinished request (its samples' tokens, text and logprobs so far), for
-        callers that show progress before `step` returns the final output (a streaming server
-        diffs consecutive snapshots); None when the id is unknown or already returned. Call it
-        between steps, on the thread that steps the engine; it costs the new tokens' decoding.
-        """
+        """A snapshot of an unfinished request (tokens, text, logprobs so far; a streaming server diffs
+        them), None when unknown or returned. Between steps, on the engine's thread; costs the new tokens."""
         request = self.requests.get(request_id)
         return None if request is None else self.outputs.snapshot(request)
 
@@ -184,7 +193,19 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the outputs of requests that finished in it (or, with async
         scheduling, in the step before it, whose tokens are read once this one is queued)."""
+        finished = self._admit_compiled() if self.structured.compiling else []
+        return finished + self._step()
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the requests whose grammars compiled, as one batch (waiting for one if nothing
+        else can run); those whose compile failed end with finish_reason "abort"."""
+        ready, failed = self.structured.compiled(idle=not self.scheduler.has_work() and self._in_flight is None)
+        self._enqueue(ready)
+        return self._finished_outputs([request.seqs[0] for request in failed])
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.steps.order(self.scheduler.schedule())
+        self.stops.start_step(batch)
         samplers = [item.seq for item in batch if item.samples]
         finished: list[RequestOutput] = []
         had_in_flight = self._in_flight is not None
@@ -202,21 +223,22 @@ class Engine:
                 raise RuntimeError("scheduler made no progress: no sequence fits in the KV pool")
             return finished  # sequences the previous step's tokens ended may have made room
         self.counters.record_step(batch, self.pages_in_use)
+        self.request_metrics.iteration_tokens.observe(sum(item.num_new_tokens for item in batch))
         if overlap:
             previous = self._in_flight
             rows = [self.steps.sampling_row(seq, seq.seed) for seq in samplers]
-            launched = self.worker.launch(self.steps.build(batch, rows=rows), previous.launched if previous else None)
+            bitmask = self.structured.launched_bitmask_source(samplers, previous.launched if previous else None)
+            plan = self.steps.build(batch, rows=rows)
+            launched = self.worker.launch(plan, previous.launched if previous else None, bitmask)
+            self.steps.take_prompt_logprobs(batch, plan, launched.prompt_logprobs)
             self._advance(batch)
-            max_model_len = self.max_model_len
-            for row, seq in enumerate(samplers):
-                seq.token_ids.append(PLACEHOLDER)
-                seq.num_pending += 1
-                seq.pending_row = row
-                seq.final_in_flight = reaches_length(len(seq.token_ids), seq, max_model_len)
-            self._in_flight = InFlightStep(samplers, launched)
-            return finished + (self._resolve(previous) if previous else [])
+            self._in_flight = InFlightStep.queued(samplers, launched, self.max_model_len)
+            return finished + (self._finished_outputs(previous.resolve(self.stops)) if previous else [])
         draws = [self.steps.draw_request(seq) for seq in samplers]
-        result: StepResult | None = self.worker.execute(self.steps.build(batch, draws=draws))
+        plan = self.steps.build(batch, draws=draws, bitmask=self.structured.token_bitmask(samplers, draws))
+        result: StepResult | None = self.worker.execute(plan)
+        if result is not None:
+            self.steps.take_prompt_logprobs(batch, plan, result.prompt_logprobs)
         self._advance(batch)
         if result is None:
             return finished
@@ -229,7 +251,8 @@ class Engine:
             extra = len(draws[i].rows) - 1
             family = [seq] + (self.fork(seq, extra) if extra else [])
             for k, member in enumerate(family):
-                self._append_token(member, result.sampled, result.first_row[i] + k)
+                member.token_ids.append(result.sampled.token_ids[result.first_row[i] + k])
+                self.stops.took_token(member, result.sampled, result.first_row[i] + k)
         return finished + self._finished_outputs(samplers)
 
     def _can_overlap(self, samplers: list[Sequence]) -> bool:
@@ -248,44 +271,24 @@ class Engine:
 
     def _resolve_in_flight(self) -> list[RequestOutput]:
         step, self._in_flight = self._in_flight, None
-        return self._resolve(step) if step is not None else []
-
-    def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
-        """Put a queued step's draws in place of its placeholders, then run the stop checks.
-
-        A sequence may have queued one more step meanwhile (one more placeholder after this one);
-        if this token ends it, that step's token is dropped. Aborted sequences are skipped.
-        """
-        result = step.launched.result()
-        ended = []
-        for row, seq in enumerate(step.seqs):
-            if seq.status is SequenceStatus.FINISHED:
-                continue
-            seq.num_pending -= 1
-            seq.token_ids[len(seq.token_ids) - seq.num_pending - 1] = result.token_ids[row]
-            if self.stops.took_token(seq, result, row):
-                if seq.num_pending:
-                    del seq.token_ids[-seq.num_pending:]
-                    seq.num_pending = 0
-                ended.append(seq)
-        return self._finished_outputs(ended)
+        return self._finished_outputs(step.resolve(self.stops)) if step is not None else []
 
     def _finished_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         finished: list[RequestOutput] = []
         for request in dict.fromkeys(seq.request for seq in seqs):
             if request.is_finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
-                finished.append(self.outputs.make_output(request))
+                if request.metrics is not None:
+                    request.metrics.finished_time = time.time()
+                output = self.outputs.make_output(request)
+                self.request_metrics.record_finished(output, request.params)
+                finished.append(output)
         return finished
 
     @property
     def pages_in_use(self) -> int:
         """Pages held by sequences, held branches or pins: all but the free and the idle cached ones."""
         return self.pool.num_pages - self.pool.num_free - self.tree.num_evictable_pages
-
-    def _append_token(self, seq: Sequence, result: SamplerOutput, row: int) -> None:
-        seq.token_ids.append(result.token_ids[row])
-        self.stops.took_token(seq, result, row)
 
     def stats(self) -> dict[str, int | float]:
         """Totals since start (see `stats.engine_stats`)."""

@@ -7,7 +7,8 @@ request's final text is decoded once, in full, when it finishes (the text vLLM r
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence as Seq
 
 from forkserve.detokenizer import IncrementalDetokenizer
 from forkserve.engine.sequence import Request, Sequence
@@ -48,15 +49,33 @@ class OutputProcessor:
         seq.text = text[:at + len(stop)] if params.include_stop_str_in_output else text[:at]
         return stop
 
-    def logprob_entry(self, token: int, result: SamplerOutput, row: int) -> dict[int, Logprob]:
-        entry = {token: Logprob(result.logprobs[row], result.ranks[row], self._decode_one(token))}
-        for rank, (tid, lp) in enumerate(result.top_logprobs[row] or (), start=1):
+    def logprob_entry(self, token: int, result: SamplerOutput, row: int, params: SamplingParams
+                      ) -> dict[int, Logprob]:
+        return self._logprob_dict(token, result.logprobs[row], result.ranks[row], result.top_logprobs[row] or (),
+                                  params)
+
+    def _logprob_dict(self, token: int, logprob: float, rank: int, top: Seq[tuple[int, float]],
+                      params: SamplingParams) -> dict[int, Logprob]:
+        """vLLM's logprobs entry: the chosen (or actual prompt) token, then the top ones by rank."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token, params))}
+        for top_rank, (tid, lp) in enumerate(top, start=1):
             if tid not in entry:
-                entry[tid] = Logprob(lp, rank, self._decode_one(tid))
+                entry[tid] = Logprob(lp, top_rank, self._decode_one(tid, params))
         return entry
 
-    def _decode_one(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
+    def _decode_one(self, token: int, params: SamplingParams) -> str | None:
+        if self.tokenizer is None or not params.detokenize:
+            return None
+        return self.tokenizer.decode([token])
+
+    def _prompt_logprobs(self, request: Request) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's prompt_logprobs: None for the first token, then per token its entry (computed
+        in the prefill pass by the worker)."""
+        if request.prompt_logprobs is None:
+            return None
+        params = request.params
+        return [None] + [self._logprob_dict(token, lp, rank, top, params)
+                         for token, (lp, rank, top) in zip(request.prompt_token_ids[1:], request.prompt_logprobs[1:])]
 
     def make_output(self, request: Request) -> RequestOutput:
         """n completions by sample index; with best_of > n, the n of highest cumulative logprob, best first.
@@ -77,10 +96,11 @@ class OutputProcessor:
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=self._prompt_logprobs(request),
             outputs=completions,
             finished=request.is_finished,
             num_cached_tokens=request.num_cached_tokens or 0,
+            metrics=None if request.metrics is None else dataclasses.replace(request.metrics),
         )
 
     def snapshot(self, request: Request) -> RequestOutput:
@@ -95,10 +115,11 @@ class OutputProcessor:
         params = seq.request.params
         if seq.stop_reason is not None and isinstance(seq.stop_reason, str):
             text = seq.text  # already cut at the stop string
-        elif self.tokenizer is None:
+        elif self.tokenizer is None or not params.detokenize:
             text = ""
         elif final:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens,
+                                         spaces_between_special_tokens=params.spaces_between_special_tokens)
         else:
             text = self.text(seq)
         return CompletionOutput(

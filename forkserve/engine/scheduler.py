@@ -147,8 +147,9 @@ class Scheduler:
                 if not self.planner.gate(seq):
                     self.waiting.popleft()  # parked until the prefix it shares is published
                     continue
-                # At least one token is always computed: its logits are needed to sample.
-                seq.kv = self.tree.acquire(seq.token_ids[:-1])
+                # At least one token is always computed: its logits are needed to sample. Prompt
+                # logprobs need every prompt position's logits, so such a prompt skips the cache (as in vLLM).
+                seq.kv = self.tree.acquire(seq.token_ids[:-1] if not seq.request.wants_prompt_logprobs else [])
                 seq.num_computed_tokens = seq.kv.prefix_len
                 if seq.request.num_cached_tokens is None:
                     seq.request.num_cached_tokens = seq.kv.num_cached_tokens

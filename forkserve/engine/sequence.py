@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import enum
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from forkserve.detokenizer import IncrementalDetokenizer
 from forkserve.engine.tree import SeqKV
-from forkserve.outputs import Logprob
+from forkserve.outputs import Logprob, RequestMetrics
 from forkserve.worker.plan import SamplingRow
 from forkserve.sampling_params import SamplingParams
+from forkserve.structured.matcher import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -46,6 +49,7 @@ class Sequence:
     pending_row: int = -1
     final_in_flight: bool = False
     sampling_row: SamplingRow | None = None  # its draws' row once past min_tokens (Engine._sampling_row)
+    grammar: GrammarState | None = None  # structured outputs: its position in the request's grammar
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -87,6 +91,12 @@ class Request:
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission, as vLLM reports it
     num_samples: int = 1
     hold: bool = False  # finished sequences keep their KV (tree search: they are forked later)
+    grammar: Future | None = None  # structured outputs: the compiled grammar (Grammars.submit)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
+    metrics: RequestMetrics | None = None
+    # With params.prompt_logprobs: per prompt token so far, (logprob, rank, top [(token, logprob)]),
+    # None for the first token; filled by the prefill steps (the worker computes them)
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None
     # Its draws feed the host's next decision (penalties, search): no async scheduling. Fixed at
     # creation (its params are), and read for every sampling row of every step.
     needs_tokens_at_once: bool = field(init=False)
@@ -94,11 +104,30 @@ class Request:
     def __post_init__(self) -> None:
         p = self.params
         self.needs_tokens_at_once = self.hold or p.repetition_penalty != 1.0 or bool(p.frequency_penalty) \
-            or bool(p.presence_penalty)
+            or bool(p.presence_penalty) or any(len(word) > 1 for word in self.bad_words_token_ids)
 
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+
+    @classmethod
+    def start(cls, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+              seq_id: int, num_samples: int, hold: bool, bad_words_token_ids: list[list[int]]) -> Request:
+        """A request with its first sequence (with hold, a held one with nothing computed)."""
+        request = cls(request_id, prompt, prompt_token_ids, params, num_samples=num_samples, hold=hold,
+                      bad_words_token_ids=bad_words_token_ids, metrics=RequestMetrics(arrival_time=time.time()),
+                      prompt_logprobs=None if params.prompt_logprobs is None else [None])
+        seq = Sequence(seq_id, request, 0, list(prompt_token_ids), len(prompt_token_ids), request.sample_seed(0),
+                       logprobs=[] if params.logprobs is not None else None)
+        if hold:
+            seq.status = SequenceStatus.FINISHED
+        request.seqs.append(seq)
+        return request
 
     def sample_seed(self, index: int) -> int | None:
         """Sample i draws from seed `params.seed + i`: exactly what a request with that seed draws."""

@@ -8,7 +8,8 @@ import numpy as np
 from forkserve.engine.scheduler import ScheduledSeq
 from forkserve.engine.sequence import Sequence
 from forkserve.engine.sharing import BatchSharing, CascadeRule
-from forkserve.worker.plan import PLACEHOLDER, DrawRequest, SamplingRow, StepPlan
+from forkserve.worker.plan import (PLACEHOLDER, DrawRequest, PromptLogprobRange, PromptLogprobs, SamplingRow, StepPlan,
+                                   TokenBitmask)
 
 
 class PageCopies:
@@ -63,21 +64,27 @@ class StepBuilder:
 
     def sampling_row(self, seq: Sequence, seed: int | None) -> SamplingRow:
         """seq's draw with this seed, as the sampler takes it (stop tokens blocked before min_tokens)."""
-        params = seq.request.params
+        params, bad_words = seq.request.params, seq.request.bad_words_token_ids
         if seq.num_output_tokens < params.min_tokens:
             blocked = sorted(self.stop_token_ids | set(params.stop_token_ids))
-            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked)
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, blocked, bad_words)
         if seed != seq.seed:
-            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+            return SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, (), bad_words)
         # A row reads the sequence's tokens when drawn, so its own row serves every step.
         if seq.sampling_row is None:
-            seq.sampling_row = SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens)
+            seq.sampling_row = SamplingRow(params, seed, seq.token_ids, seq.num_prompt_tokens, (), bad_words)
         return seq.sampling_row
 
+    @staticmethod
+    def take_prompt_logprobs(batch: list[ScheduledSeq], plan: StepPlan, values: list[PromptLogprobs]) -> None:
+        """The prompt logprobs the worker computed for `plan`, appended to their requests'."""
+        for wanted, computed in zip(plan.prompt_logprobs, values):
+            batch[wanted.row].seq.request.prompt_logprobs.extend(computed)
+
     def build(self, batch: list[ScheduledSeq], draws: list[DrawRequest] | None = None,
-              rows: list[SamplingRow] | None = None) -> StepPlan:
-        """The plan of an ordered batch; `draws` (a synchronous step) or `rows` (a launched one)
-        are those of its sampling rows, in order.
+              rows: list[SamplingRow] | None = None, bitmask: TokenBitmask | None = None) -> StepPlan:
+        """The plan of an ordered batch; `draws` (a synchronous step, with its constrained rows'
+        `bitmask`) or `rows` (a launched one) are those of its sampling rows, in order.
 
         The only per-row Python work is slicing C arrays; a sequence whose last token is a
         PLACEHOLDER takes it from the previous step's draw row `seq.pending_row`.
@@ -90,7 +97,12 @@ class StepBuilder:
         new_tokens = np.empty(num_rows, dtype=np.int64)
         logits_rows: list[int] = []
         pending: list[tuple[int, int]] = []
+        prompt_logprobs: list[PromptLogprobRange] = []
         for b, item in enumerate(batch):
+            if item.seq.request.wants_prompt_logprobs:
+                wanted = _prompt_logprob_range(item, b, len(input_ids))
+                if wanted is not None:
+                    prompt_logprobs.append(wanted)
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             input_ids.extend(seq.token_ids[start:end])
@@ -105,7 +117,21 @@ class StepBuilder:
         np.cumsum(new_tokens, out=query_start[1:])
         plan = StepPlan(np.asarray(input_ids, dtype=np.int64), query_start, starts, kv_indptr,
                         np.frombuffer(kv_indices, dtype=np.int32), logits_rows, draws, rows, pending,
-                        page_copies=self.page_copies.take())
+                        page_copies=self.page_copies.take(), bitmask=bitmask, prompt_logprobs=prompt_logprobs)
         if self.sharing is not None and num_rows > 1:
             plan.sharing_key, plan.sharing = self.sharing.sharing([item.seq.kv.node for item in batch])
         return plan
+
+
+def _prompt_logprob_range(item: ScheduledSeq, row: int, first_token: int) -> PromptLogprobRange | None:
+    """The prompt positions of this chunk whose next prompt token's logprobs are still owed
+    (position p predicts token p + 1); None when the chunk predicts none of them."""
+    seq, request = item.seq, item.seq.request
+    start = seq.num_computed_tokens
+    lo = max(len(request.prompt_logprobs) - 1, start)
+    hi = min(start + item.num_new_tokens, len(request.prompt_token_ids) - 1)
+    if lo >= hi:
+        return None
+    return PromptLogprobRange(row, first_token + lo - start, np.asarray(request.prompt_token_ids[lo + 1:hi + 1],
+                                                                         dtype=np.int64),
+                              request.params.prompt_logprobs)

@@ -13,7 +13,9 @@ prefilled once.
 Resuming: each result line is appended with one write and fsynced when its request finishes.
 A rerun with the same output file reads it first, cuts a torn last line (a kill in mid-write)
 back to the last newline, and runs only the custom_ids not yet answered. So after a kill -9 at
-any moment, reruns end with every custom_id exactly once.
+any moment, reruns end with every custom_id exactly once. A line whose stored result is an
+error counts as answered; `retry_failed` takes those results out of the file (rewritten whole,
+then renamed over it) and runs their lines again.
 """
 from __future__ import annotations
 
@@ -148,6 +150,39 @@ def recover_output(path: str | Path) -> set[str]:
     return answered
 
 
+def failed_ids(path: str | Path) -> set[str]:
+    """custom_ids whose stored result in an output file is an error."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    failed = set()
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                record = json.loads(raw)
+                if record.get("error") is not None:
+                    failed.add(record["custom_id"])
+    return failed
+
+
+def drop_results(path: Path, custom_ids: set[str]) -> None:
+    """Rewrite the output file without the results of `custom_ids`: a new file, fsynced, renamed
+    over the old one, so a kill at any moment leaves either file whole."""
+    kept = [raw for raw in path.read_bytes().splitlines(keepends=True)
+            if raw.strip() and json.loads(raw)["custom_id"] not in custom_ids]
+    temporary = path.with_name(path.name + ".retry")
+    with open(temporary, "wb") as f:
+        f.write(b"".join(kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class ResultWriter:
     """Appends whole lines; each `write` is one os.write of complete lines, then an fsync."""
 
@@ -205,12 +240,19 @@ class BatchRunner:
     `remaining == 0` means there is nothing left to run.
     """
 
-    def __init__(self, input_path: str | Path, output_path: str | Path) -> None:
+    def __init__(self, input_path: str | Path, output_path: str | Path, retry_failed: bool = False) -> None:
         self.input_path, self.output_path = Path(input_path), Path(output_path)
         if self.output_path.exists() and self.output_path.resolve() == self.input_path.resolve():
             raise ValueError(f"the output file is the input file ({input_path}): give another -o")
         self.lines = read_batch_input(self.input_path)
         answered = recover_output(self.output_path)
+        failed = failed_ids(self.output_path) & {line.custom_id for line in self.lines}
+        self.retried = 0  # failed results taken out to run again (retry_failed)
+        if retry_failed and failed:
+            drop_results(self.output_path, failed)
+            answered -= failed
+            self.retried, failed = len(failed), set()
+        self.failed_before = len(failed)  # answered lines whose stored result is an error
         self.todo = [line for line in self.lines if line.custom_id not in answered]
         self.skipped = len(self.lines) - len(self.todo)
         stray = answered - {line.custom_id for line in self.lines}
@@ -221,6 +263,11 @@ class BatchRunner:
     @property
     def remaining(self) -> int:
         return len(self.todo)
+
+    def any_succeeded(self) -> bool:
+        """Does the output file hold a successful result for some line of the input?"""
+        ids = {line.custom_id for line in self.lines}
+        return bool((recover_output(self.output_path) - failed_ids(self.output_path)) & ids)
 
     def run(self, engine: Any, served_model_names: list[str], use_tqdm: bool = True) -> BatchSummary:
         """Run every remaining request on `engine` (a `forkserve.engine.engine.Engine`)."""
@@ -278,10 +325,13 @@ class BatchRunner:
                 errors.append(error_record(line.custom_id, *line.error))
                 continue
             try:
-                request = parse_request(URLS[line.url], line.body)
-                check_model(request, served)
+                request = parse_request(URLS[line.url], line.body, engine.default_sampling_overrides)
+                check_model(request, [*served, engine.config.model])
                 if request.stream:
                     raise OpenAIError("stream is not supported in a batch", "stream", code="unsupported")
+                if request.use_beam_search:
+                    raise OpenAIError("use_beam_search is not supported in run-batch yet: serve the model and send "
+                                      "it there, or use LLM.beam_search", "use_beam_search", code="unsupported")
                 prompts = make_prompts(request, engine.tokenizer, engine)
             except OpenAIError as err:
                 errors.append(error_record(line.custom_id, err.code or err.type, err.message))

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from forkserve.engine.engine import Engine, PromptInput
+from forkserve.metrics import engine_metrics
 from forkserve.outputs import RequestOutput
-from forkserve.sampling_params import SamplingParams
+from forkserve.sampling_params import BeamSearchParams, SamplingParams
+from forkserve.search.beam import BeamGroup
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class EngineLoop:
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._rate_samples: deque[tuple[float, int]] = deque()
+        self._beams: dict[str, BeamGroup] = {}  # running beam searches by request id
+        self.model_name = engine.config.model  # the model_name label of vLLM's metrics (the server sets it)
         self.stats: dict[str, float] = self._collect_stats()
 
     # ----------------------------------------------------------------------- event-loop side
@@ -126,14 +130,17 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    def submit(self, requests: list[tuple[str, PromptInput, SamplingParams]], stream: bool) -> RequestStream:
-        """Queue validated requests; their events arrive on the returned stream."""
+    def submit(self, requests: list[tuple[str, PromptInput, SamplingParams | BeamSearchParams]],
+               stream: bool) -> RequestStream:
+        """Queue validated requests; their events arrive on the returned stream. A request with
+        BeamSearchParams runs as a beam search, whose final output holds its hypotheses."""
         if not self.alive:
             raise EngineDead(self.error or "the engine is not running")
         handle = RequestStream(self, [request_id for request_id, _, _ in requests])
         for request_id, prompt, params in requests:
             self._streams[request_id] = handle
-            self._commands.put(("add", request_id, prompt, params, stream))
+            kind = "beam" if isinstance(params, BeamSearchParams) else "add"
+            self._commands.put((kind, request_id, prompt, params, stream))
         self.num_waiting += len(requests)
         return handle
 
@@ -177,7 +184,7 @@ class EngineLoop:
         engine = self.engine
         try:
             while True:
-                commands = self._next_commands(block=not engine.has_unfinished_requests())
+                commands = self._next_commands(block=not engine.has_unfinished_requests() and not self._beams)
                 if any(c is _STOP for c in commands):
                     return
                 events: list[StreamEvent] = []
@@ -186,9 +193,10 @@ class EngineLoop:
                 if any(command[0] == "add" for command in commands):
                     engine.prioritize_cached()  # arrivals: longest cached prefix first, with ageing
                 started: list[str] = []
-                if engine.has_unfinished_requests():
+                if engine.has_unfinished_requests() or self._beams:
                     for output in engine.step():
                         self._finish(output, events)
+                    self._advance_beams(events)
                     self._scan(started, events)
                 self.stats = self._collect_stats()
                 self._post(started, events)
@@ -213,10 +221,13 @@ class EngineLoop:
                 return commands
 
     def _apply(self, command: tuple, events: list[StreamEvent]) -> None:
-        if command[0] == "add":
-            _, request_id, prompt, params, stream = command
+        if command[0] in ("add", "beam"):
+            kind, request_id, prompt, params, stream = command
             try:
-                self.engine.add_request(request_id, prompt, params)
+                if kind == "beam":
+                    self._beams[request_id] = BeamGroup(self.engine, request_id, prompt, params)
+                else:
+                    self.engine.add_request(request_id, prompt, params)
             except ValueError as err:
                 events.append(StreamEvent("error", request_id, message=str(err)))
                 return
@@ -226,6 +237,9 @@ class EngineLoop:
         else:
             _, request_id = command
             if self._subscribers.pop(request_id, None) is not None:
+                beam = self._beams.pop(request_id, None)
+                if beam is not None:
+                    beam.cancel()
                 self.engine.abort_request(request_id)
                 self._not_started.discard(request_id)
                 self._last_tokens.pop(request_id, None)
@@ -238,6 +252,15 @@ class EngineLoop:
         self._not_started.discard(request_id)
         if self._subscribers.pop(request_id, None) is not None:
             events.append(StreamEvent("final", request_id, output))
+
+    def _advance_beams(self, events: list[StreamEvent]) -> None:
+        """Beam searches whose beams all reported this round choose their next round (or finish)."""
+        for request_id, group in list(self._beams.items()):
+            if not group.waiting:
+                group.advance()
+                if group.done:
+                    del self._beams[request_id]
+                    self._finish(group.request_output(request_id), events)
 
     def _scan(self, started: list[str], events: list[StreamEvent]) -> None:
         """After a step: which requests started, and a snapshot of streaming ones that moved."""
@@ -265,6 +288,8 @@ class EngineLoop:
         span = now - samples[0][0]
         rate = (self._generated - samples[0][1]) / span if span > 0 else 0.0
         totals = engine.stats()
+        # vLLM's metrics, taken here on the engine's thread; requests waiting are the server's count
+        self.vllm_metrics = engine_metrics(engine, self.model_name, self.num_waiting)
         return {
             **engine.metrics(),
             "prompt_tokens": self._prompt_tokens,

@@ -19,9 +19,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from forkserve.chat import message_content, render_chat
 from forkserve.engine.engine import PromptInput
-from forkserve.outputs import Logprob, RequestOutput
-from forkserve.sampling_params import SamplingParams
+from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
+from forkserve.sampling_params import BeamSearchParams, SamplingParams
+from forkserve.structured.params import CONSTRAINTS, StructuredOutputsParams
 
 COMPLETIONS = "completion"
 CHAT = "chat"
@@ -30,17 +32,25 @@ URLS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
 # Body fields that map one-to-one onto SamplingParams (OpenAI's, then vLLM's extras).
 SAMPLING_FIELDS = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
                    "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
-                   "include_stop_str_in_output", "skip_special_tokens")
-_COMMON_FIELDS = {"model", "max_tokens", "logprobs", "stream", "stream_options", "user", "logit_bias",
-                  *SAMPLING_FIELDS}
-COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"})
-CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
-                                          "tools", "tool_choice"})
+                   "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+                   "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs")
+# Body fields that constrain the output (structured outputs): OpenAI's, vLLM's, vLLM's older aliases.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS)
+_COMMON_FIELDS = {"model", "max_tokens", "logprobs", "stream", "stream_options", "user", "logit_bias", "echo",
+                  "return_token_ids", "use_beam_search", "length_penalty", *SAMPLING_FIELDS, *STRUCTURED_FIELDS}
+COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "suffix", "best_of"})
+CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
+                                          "tool_choice", "add_generation_prompt", "continue_final_message",
+                                          "chat_template", "chat_template_kwargs"})
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias; vLLM clamps to it
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat has no limit
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 _SAMPLING_ERROR = re.compile(r"^invalid SamplingParams: (\w+) ")
+_PARAM_ERROR = re.compile(r"^request: (?:invalid SamplingParams: )?(\w+)")
 
 
 class OpenAIError(ValueError):
@@ -71,7 +81,25 @@ class OpenAIRequest:
     model: str | None = None
     stream: bool = False
     include_usage: bool = False
+    structured_param: str | None = None  # the body field its structured outputs came from
     created: int = field(default_factory=lambda: int(time.time()))
+    echo: bool = False  # completions: the prompt before the text; chat: the last message's content, same role
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and token_ids in the response
+    chat_options: dict[str, Any] = field(default_factory=dict)  # render_chat's keyword arguments
+    response_role: str = "assistant"
+    max_tokens_param: str = "max_tokens"  # the body field max_tokens came from (chat: or max_completion_tokens)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage so far in every chunk
+    use_beam_search: bool = False  # vLLM's: beam search with beam_width n, the n best hypotheses as choices
+    length_penalty: float = 1.0
+
+    def beam_search_params(self, prompt: PromptInput, max_model_len: int) -> BeamSearchParams:
+        """vLLM's mapping of a use_beam_search body: beam_width = n; max_tokens defaults to the rest
+        of the context."""
+        p = self.params
+        max_tokens = p.max_tokens if p.max_tokens is not None else max_model_len - len(prompt.token_ids)
+        return BeamSearchParams(beam_width=p.n, max_tokens=max_tokens, ignore_eos=p.ignore_eos,
+                                temperature=p.temperature, length_penalty=self.length_penalty,
+                                include_stop_str_in_output=p.include_stop_str_in_output)
 
     @property
     def prompt_param(self) -> str:
@@ -83,8 +111,10 @@ def new_id(kind: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ requests
-def parse_request(kind: str, body: Any) -> OpenAIRequest:
-    """Check a completion (`kind` COMPLETIONS) or chat (CHAT) body; raise OpenAIError naming the field."""
+def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) -> OpenAIRequest:
+    """Check a completion (`kind` COMPLETIONS) or chat (CHAT) body; raise OpenAIError naming the field.
+    `defaults`: SamplingParams fields for what the body leaves out (the model's generation config,
+    as vLLM's server applies it; its max_tokens aside, the body's protocol defaults rule there)."""
     if not isinstance(body, dict):
         raise OpenAIError(f"the request body must be a JSON object, got {_json_type(body)}")
     allowed = CHAT_FIELDS if kind == CHAT else COMPLETION_FIELDS
@@ -95,23 +125,42 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
     if model is not None and not isinstance(model, str):
         raise OpenAIError(f"model must be a string, got {model!r}", "model")
     stream = _optional_bool(body, "stream") or False
-    include_usage = False
+    include_usage = continuous_usage = False
     options = body.get("stream_options")
     if options is not None:
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise OpenAIError("stream_options must be an object with only 'include_usage'", "stream_options")
+        if not stream:
+            raise OpenAIError("stream_options can only be given with stream: true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+            raise OpenAIError("stream_options must be an object with only 'include_usage' and "
+                              "'continuous_usage_stats'", "stream_options")
         include_usage = bool(_optional_bool(options, "include_usage", "stream_options.include_usage"))
-    if body.get("logit_bias"):
-        raise OpenAIError("logit_bias is not supported", "logit_bias", code="unsupported")
+        continuous_usage = bool(_optional_bool(options, "continuous_usage_stats",
+                                               "stream_options.continuous_usage_stats"))
+    use_beam_search = bool(_optional_bool(body, "use_beam_search"))
+    if use_beam_search and stream:
+        raise OpenAIError("use_beam_search cannot stream yet: send stream: false", "use_beam_search",
+                          code="unsupported")
+    length_penalty = body.get("length_penalty", 1.0)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or \
+            not math.isfinite(length_penalty):
+        raise OpenAIError(f"length_penalty must be a finite number, got {length_penalty!r}", "length_penalty")
+    echo = bool(_optional_bool(body, "echo"))
+    if stream and body.get("prompt_logprobs") is not None:
+        raise OpenAIError("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+    return_token_ids = bool(_optional_bool(body, "return_token_ids"))
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
     source: dict[str, str] = {}  # SamplingParams field -> the body field it came from
     for name in SAMPLING_FIELDS:
         if body.get(name) is not None:
             values[name], source[name] = body[name], name
+    if body.get("logit_bias") is not None:
+        values["logit_bias"], source["logit_bias"] = _logit_bias(body["logit_bias"]), "logit_bias"
+    chat_options: dict[str, Any] = {}
     if kind == CHAT:
         prompts = [_check_messages(body.get("messages"))]
         _check_chat_extras(body)
+        chat_options = _chat_options(body)
         limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         values["max_tokens"], source["max_tokens"] = body.get(limit), limit
         if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
@@ -123,8 +172,6 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
             values["logprobs"], source["logprobs"] = (0 if top is None else top), "top_logprobs"
     else:
         prompts = _completion_prompts(body.get("prompt"))
-        if body.get("echo"):
-            raise OpenAIError("echo is not supported", "echo", code="unsupported")
         if body.get("suffix") is not None:
             raise OpenAIError("suffix is not supported", "suffix", code="unsupported")
         best_of = body.get("best_of")
@@ -134,12 +181,100 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
         values["max_tokens"], source["max_tokens"] = max_tokens, "max_tokens"
         if body.get("logprobs") is not None:
             values["logprobs"], source["logprobs"] = body["logprobs"], "logprobs"
+            if echo and "prompt_logprobs" not in values:  # echoed prompt tokens carry logprobs too (vLLM)
+                values["prompt_logprobs"], source["prompt_logprobs"] = body["logprobs"], "logprobs"
+    structured_param, values["structured_outputs"] = _structured_outputs(body)
     try:
         params = SamplingParams(**values)
     except ValueError as err:
         match = _SAMPLING_ERROR.match(str(err))
         raise OpenAIError(str(err), source.get(match.group(1)) if match else None) from None
-    return OpenAIRequest(kind, params, prompts, model, stream, include_usage)
+    return OpenAIRequest(kind, params, prompts, model, stream, include_usage, echo=echo,
+                         return_token_ids=return_token_ids, chat_options=chat_options,
+                         use_beam_search=use_beam_search, length_penalty=float(length_penalty),
+                         continuous_usage=include_usage and continuous_usage,
+                         max_tokens_param=source.get("max_tokens", "max_tokens"),
+                         structured_param=structured_param)
+
+
+def _structured_outputs(body: dict) -> tuple[str | None, StructuredOutputsParams | None]:
+    """(the body field, its constraint) from response_format, a guided_* alias or vLLM's
+    structured_outputs object; the latter may also carry only options (disable_any_whitespace)
+    for the constraint that response_format or an alias gives, as in vLLM."""
+    given = [name for name in ("response_format", *GUIDED_FIELDS)
+             if body.get(name) is not None and body[name] != {"type": "text"}]
+    options = body.get("structured_outputs")
+    if len(given) > 1 or (given and isinstance(options, dict) and set(options) & set(CONSTRAINTS)):
+        names = given + (["structured_outputs"] if options is not None else [])
+        raise OpenAIError(f"give one of {', '.join(names)}, not several", names[1])
+    if not given and options is None:
+        return None, None
+    name = given[0] if given else "structured_outputs"
+    try:
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"structured_outputs must be an object, got {_json_type(options)}")
+        values = dict(options or {})
+        if name in GUIDED_FIELDS:
+            values[GUIDED_FIELDS[name]] = body[name]
+        elif name == "response_format":
+            values.update(_response_format(body[name]))
+        return name, StructuredOutputsParams.from_dict(values)
+    except ValueError as err:
+        raise OpenAIError(str(err), name) from None
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    """OpenAI's response_format as a StructuredOutputsParams field: {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}} or {"type": "json_object"} ({"type": "text"}
+    constrains nothing and is handled by the caller)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object" and set(value) == {"type"}:
+        return {"json_object": True}
+    if kind == "json_schema" and set(value) == {"type", "json_schema"} and isinstance(value["json_schema"], dict):
+        spec = value["json_schema"]
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise ValueError(f"response_format.json_schema: unknown field(s) {', '.join(unknown)}")
+        if not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        return {"json": spec["schema"]}
+    raise ValueError("response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+                     f"{{'type': 'json_schema', 'json_schema': {{'name', 'schema', 'strict'}}}}, got {value!r}")
+
+
+def _logit_bias(bias: Any) -> dict[int, float]:
+    """OpenAI's logit_bias: token id (a string key in JSON) -> bias, clamped to [-100, 100] as vLLM does."""
+    if not isinstance(bias, dict):
+        raise OpenAIError(f"logit_bias must be an object of token id -> bias, got {_json_type(bias)}", "logit_bias")
+    clamped = {}
+    for token, value in bias.items():
+        try:
+            token_id = int(token)
+        except (TypeError, ValueError):
+            raise OpenAIError(f"logit_bias keys must be token ids, got {token!r}", "logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise OpenAIError(f"logit_bias values must be finite numbers, got {value!r}", "logit_bias")
+        clamped[token_id] = max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(value)))
+    return clamped
+
+
+def _chat_options(body: dict) -> dict[str, Any]:
+    """vLLM's chat-template fields of a chat body, as `render_chat` takes them."""
+    options: dict[str, Any] = {}
+    for name in ("add_generation_prompt", "continue_final_message"):
+        if _optional_bool(body, name) is not None:
+            options[name] = body[name]
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise OpenAIError("chat_template_kwargs must be an object", "chat_template_kwargs")
+        options["chat_template_kwargs"] = kwargs
+    template = body.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str):
+            raise OpenAIError("chat_template must be a string", "chat_template")
+        options["chat_template"] = template
+    return options
 
 
 def check_model(request: OpenAIRequest, served: list[str]) -> None:
@@ -149,7 +284,8 @@ def check_model(request: OpenAIRequest, served: list[str]) -> None:
                           f"{', '.join(repr(s) for s in served)}", "model", status=404, code="model_not_found")
 
 
-def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any) -> list[PromptInput]:
+def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any,
+                 default_chat_template: str | None = None) -> list[PromptInput]:
     """Tokenize and validate every prompt of a request, and its params against the engine.
 
     `tokenizer` is passed in (not taken from the engine) so that a server can tokenize on its
@@ -162,28 +298,42 @@ def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any) -> list[Pr
         label = param if len(request.prompts) == 1 else f"{param}[{i}]"
         if isinstance(prompt, list) and request.kind == COMPLETIONS:
             raw: dict[str, Any] = {"prompt_token_ids": prompt}
+            if request.echo and tokenizer is not None:
+                raw["prompt"] = tokenizer.decode(prompt)
         else:
             if tokenizer is None:
                 raise OpenAIError(f"{label}: text prompts need a tokenizer", param)
             if request.kind == CHAT:
+                options = {"chat_template": default_chat_template, **request.chat_options}
                 try:
-                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                except Exception as err:  # template errors (e.g. raise_exception on bad role order)
-                    raise OpenAIError(f"{label}: the chat template failed: {err}", param) from None
+                    text = render_chat(tokenizer, prompt, label, **options)
+                except ValueError as err:
+                    raise OpenAIError(str(err), param) from None
                 ids = tokenizer(text, add_special_tokens=False).input_ids
             else:
                 text = prompt
                 ids = tokenizer(text).input_ids
             raw = {"prompt_token_ids": ids, "prompt": text}
         try:
-            inputs.append(engine.make_prompt(raw, label))
+            inputs.append(engine.make_prompt(raw, label, request.params.truncate_prompt_tokens))
         except ValueError as err:
             code = "context_length_exceeded" if "max_model_len" in str(err) else "invalid_value"
             raise OpenAIError(str(err), param, code=code) from None
     try:
         engine.check_params(request.params, "request")
     except ValueError as err:
-        raise OpenAIError(str(err), "top_logprobs" if request.kind == CHAT else "logprobs") from None
+        match = _PARAM_ERROR.search(str(err))
+        field_name = match.group(1) if match else "logprobs"
+        if "StructuredOutputsParams" in str(err):
+            field_name = request.structured_param
+        elif field_name == "logprobs" and request.kind == CHAT:
+            field_name = "top_logprobs"
+        raise OpenAIError(str(err), field_name) from None
+    for prompt in inputs:
+        try:
+            engine.check_fits(prompt, request.params, "request")
+        except ValueError as err:
+            raise OpenAIError(str(err), request.max_tokens_param, code="context_length_exceeded") from None
     return inputs
 
 
@@ -235,18 +385,12 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
         if role not in CHAT_ROLES:
             raise OpenAIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role")
         content = message.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise OpenAIError(f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
-                                      "are supported", f"{where}.content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        elif content is None and role == "assistant":
-            content = ""
-        elif not isinstance(content, str):
+        if content is None and role != "assistant":
             raise OpenAIError(f"{where}.content must be a string or an array of text parts", f"{where}.content")
+        try:
+            content = message_content(content, where)
+        except ValueError as err:
+            raise OpenAIError(str(err), f"{where}.content") from None
         entry = {"role": role, "content": content}
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
@@ -259,10 +403,6 @@ def _check_chat_extras(body: dict) -> None:
         raise OpenAIError("tools are not supported", "tools", code="unsupported")
     if body.get("tool_choice") not in (None, "none"):
         raise OpenAIError("tool_choice is not supported", "tool_choice", code="unsupported")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise OpenAIError("only response_format {'type': 'text'} is supported", "response_format",
-                          code="unsupported")
 
 
 # ----------------------------------------------------------------------------------- responses
@@ -280,6 +420,36 @@ def choice_index(request: OpenAIRequest, prompt_index: int, sample_index: int) -
     return prompt_index * request.params.n + sample_index
 
 
+def prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs in JSON: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in entry.items()} for entry in entries]
+
+
+def echo_prefix(request: OpenAIRequest, out: RequestOutput) -> str:
+    """What `echo` puts before a choice's text: the prompt (completions) or, for chat, the last
+    message's content when it has the response's role (vLLM's rule)."""
+    if not request.echo:
+        return ""
+    if request.kind == COMPLETIONS:
+        return out.prompt or ""
+    last = request.prompts[0][-1]
+    return last["content"] if last.get("role") == request.response_role else ""
+
+
+def _echoed_logprobs(out: RequestOutput, c: CompletionOutput) -> dict[str, Any]:
+    """Completions logprobs with echo: the prompt's tokens (the first has none), then the output's."""
+    prompt_entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    body = completion_logprobs(out.prompt_token_ids, [e or {} for e in prompt_entries])
+    body["token_logprobs"][0], body["top_logprobs"][0] = None, None
+    generated = completion_logprobs(c.token_ids, c.logprobs or [], sum(map(len, body["tokens"])))
+    return {key: body[key] + generated[key] for key in body}
+
+
 def completion_response(request: OpenAIRequest, request_id: str, model: str,
                         outputs: list[RequestOutput]) -> dict[str, Any]:
     choices = []
@@ -287,9 +457,13 @@ def completion_response(request: OpenAIRequest, request_id: str, model: str,
         for c in out.outputs:
             logprobs = None
             if request.params.logprobs is not None and c.logprobs is not None:
-                logprobs = completion_logprobs(c.token_ids, c.logprobs)
-            choices.append({"index": choice_index(request, p, c.index), "text": c.text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                logprobs = _echoed_logprobs(out, c) if request.echo else completion_logprobs(c.token_ids, c.logprobs)
+            choice = {"index": choice_index(request, p, c.index), "text": echo_prefix(request, out) + c.text,
+                      "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                      "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)}
+            if request.return_token_ids:
+                choice.update(prompt_token_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids))
+            choices.append(choice)
     return {"id": request_id, "object": "text_completion", "created": request.created, "model": model,
             "choices": choices, "usage": usage(outputs)}
 
@@ -302,11 +476,17 @@ def chat_response(request: OpenAIRequest, request_id: str, model: str,
             logprobs = None
             if request.params.logprobs is not None and c.logprobs is not None:
                 logprobs = chat_logprobs(c.token_ids, c.logprobs, request.params.logprobs)
-            choices.append({"index": choice_index(request, p, c.index),
-                            "message": {"role": "assistant", "content": c.text},
-                            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-    return {"id": request_id, "object": "chat.completion", "created": request.created, "model": model,
-            "choices": choices, "usage": usage(outputs)}
+            choice = {"index": choice_index(request, p, c.index),
+                      "message": {"role": request.response_role, "content": echo_prefix(request, out) + c.text},
+                      "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if request.return_token_ids:
+                choice["token_ids"] = list(c.token_ids)
+            choices.append(choice)
+    body = {"id": request_id, "object": "chat.completion", "created": request.created, "model": model,
+            "choices": choices, "usage": usage(outputs), "prompt_logprobs": prompt_logprobs_json(outputs[0].prompt_logprobs)}
+    if request.return_token_ids:
+        body["prompt_token_ids"] = list(outputs[0].prompt_token_ids)
+    return body
 
 
 def response_body(request: OpenAIRequest, request_id: str, model: str, outputs: list[RequestOutput]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """`forkserve serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one engine.
 
 Routes: POST /v1/completions and /v1/chat/completions (streaming as OpenAI streams: server-sent
-`data: {...}` chunks, then `data: [DONE]`), GET /v1/models, /health and /metrics (Prometheus
-text). All requests share one `Engine`, run by `EngineLoop` on its own thread, so requests that
+`data: {...}` chunks, then `data: [DONE]`), GET /v1/models, /v1/models/{id}, /health, /version
+and /metrics (Prometheus text: forkserve's and vLLM's names), POST /tokenize and /detokenize
+(vLLM's). All requests share one `Engine`, run by `EngineLoop` on its own thread, so requests that
 arrive over time batch together and share the prefix tree.
 
 Guards: with an API key every route but /health needs `Authorization: Bearer KEY` (401);
@@ -26,10 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from forkserve.entrypoints import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 from forkserve.entrypoints.engine_loop import EngineDead, EngineLoop, RequestStream, StreamEvent
+from forkserve.chat import render_chat
+from forkserve.metrics import prometheus_text as vllm_prometheus_text
 from forkserve.entrypoints.openai_protocol import (CHAT, COMPLETIONS, OpenAIError, OpenAIRequest, chat_chunk,
                                                    chat_logprobs, check_model, completion_chunk,
                                                    completion_logprobs, error_body, make_prompts, new_id,
-                                                   parse_request, response_body, usage_chunk)
+                                                   parse_request, response_body, usage, usage_chunk)
 from forkserve.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -39,14 +42,19 @@ _POLL_S = 0.5  # how often a waiting handler checks for a vanished client or a d
 
 def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key: str | None = None,
               max_waiting: int = DEFAULT_MAX_WAITING, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              tokenizer: Any = None) -> FastAPI:
+              tokenizer: Any = None, chat_template: str | None = None,
+              response_role: str = "assistant") -> FastAPI:
     """The app; its lifespan starts and stops `engine_loop`.
 
     Prompts are tokenized and outputs built on the event loop with `tokenizer` (by default a
     second copy of the engine's, loaded here), never with the engine's own, which the engine
-    thread uses.
+    thread uses. Requests may name the model by a served name or by the engine's model path
+    (the --model value). `chat_template` replaces the tokenizer's (vLLM's --chat-template);
+    `response_role` is the chat answers' role.
     """
     engine = engine_loop.engine
+    accepted_names = [*served_model_names, engine.config.model]
+    engine_loop.model_name = served_model_names[0]
     if tokenizer is None and engine.tokenizer is not None:
         from transformers import AutoTokenizer
 
@@ -91,6 +99,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     guarded = [Depends(authorize)]
 
+    @app.api_route("/ping", methods=["GET", "POST"])
     @app.get("/health")
     async def health() -> Response:
         if engine_loop.alive:
@@ -98,12 +107,38 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
         return JSONResponse(error_body(engine_loop.error or "the engine is not running", "server_error", None,
                                        "engine_dead"), status_code=503)
 
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": started_at, "owned_by": "forkserve",
+                "root": engine.config.model, "parent": None, "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": started_at, "owned_by": "forkserve",
-             "root": engine.config.model, "parent": None, "max_model_len": engine.max_model_len}
-            for name in served_model_names]}
+        return {"object": "list", "data": [model_card(name) for name in served_model_names]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id not in accepted_names:
+            raise OpenAIError(f"the model {model_id!r} does not exist here; this process serves "
+                              f"{', '.join(repr(s) for s in served_model_names)}", "model", status=404,
+                              code="model_not_found")
+        return model_card(model_id)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        from forkserve import __version__
+
+        return {"version": __version__}
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await read_json(request, max_request_bytes)
+        ids = tokenize_body(body, tokenizer, accepted_names, chat_template)
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await read_json(request, max_request_bytes)
+        return {"prompt": detokenize_body(body, tokenizer, accepted_names, engine.model_config.vocab_size)}
 
     @app.get("/metrics", dependencies=guarded)
     async def metrics() -> PlainTextResponse:
@@ -111,9 +146,10 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     async def generate(request: Request, kind: str) -> Response:
         body = await read_json(request, max_request_bytes)
-        parsed = parse_request(kind, body)
-        check_model(parsed, served_model_names)
-        prompts = make_prompts(parsed, tokenizer, engine)
+        parsed = parse_request(kind, body, engine.default_sampling_overrides)
+        parsed.response_role = response_role
+        check_model(parsed, accepted_names)
+        prompts = make_prompts(parsed, tokenizer, engine, chat_template)
         if engine_loop.num_waiting >= max_waiting:
             engine_loop.counts["rejected"] += 1
             raise OpenAIError(f"the server is busy: {engine_loop.num_waiting} requests are already waiting for "
@@ -121,13 +157,15 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
                               None, status=429, type="rate_limit_error", code="rate_limit_exceeded")
         request_id = new_id(kind)
         try:
-            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.params) for i, p in enumerate(prompts)],
-                                        stream=parsed.stream)
+            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.beam_search_params(p, engine.max_model_len)
+                                          if parsed.use_beam_search else parsed.params)
+                                         for i, p in enumerate(prompts)], stream=parsed.stream)
         except EngineDead as err:
             raise OpenAIError(str(err), None, status=503, type="server_error", code="engine_dead") from None
         model = parsed.model or served_model_names[0]
         if parsed.stream:
-            return EventStreamResponse(stream_events(handle, parsed, request_id, model, engine_loop), handle)
+            return EventStreamResponse(stream_events(handle, parsed, request_id, model, engine_loop,
+                                                     [p.text or "" for p in prompts]), handle)
         outputs = await collect(handle, request, engine_loop)
         if outputs is None:
             return Response(status_code=499)  # the client went away; nobody reads this
@@ -145,7 +183,12 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past `limit` bytes, 400 if it does not parse."""
+    """The body as JSON: 415 unless sent as application/json (vLLM's rule), 413 past `limit`
+    bytes, 400 if it does not parse."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise OpenAIError(f"Unsupported Media Type: only 'application/json' is allowed, got "
+                          f"{media_type or 'no Content-Type'}", None, status=415, code="unsupported_media_type")
     too_big = OpenAIError(f"the request body exceeds the limit of {limit} bytes", None, status=413,
                           code="request_too_large")
     declared = request.headers.get("content-length")
@@ -240,9 +283,9 @@ def _sse(obj: dict[str, Any] | str) -> str:
 
 
 async def stream_events(handle: RequestStream, parsed: OpenAIRequest, request_id: str, model: str,
-                        engine_loop: EngineLoop) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI sends them; on disconnect the generator is cancelled and the
-    `finally` aborts what is still running."""
+                        engine_loop: EngineLoop, prompt_texts: list[str]) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them (with echo, a completion's prompt comes first);
+    on disconnect the generator is cancelled and the `finally` aborts what is still running."""
     n = parsed.params.n
     want_logprobs = parsed.params.logprobs is not None
     choices: dict[int, ChoiceStream] = {}
@@ -252,7 +295,10 @@ async def stream_events(handle: RequestStream, parsed: OpenAIRequest, request_id
             for i in range(n):
                 choices[p * n + i] = ChoiceStream(parsed.params.stop)
                 if parsed.kind == CHAT:
-                    yield _sse(chat_chunk(parsed, request_id, model, p * n + i, {"role": "assistant", "content": ""}))
+                    yield _sse(chat_chunk(parsed, request_id, model, p * n + i,
+                                          {"role": parsed.response_role, "content": ""}))
+                if parsed.echo and parsed.kind == COMPLETIONS and prompt_texts[p]:
+                    yield _sse(completion_chunk(parsed, request_id, model, p * n + i, prompt_texts[p]))
         while not handle.done:
             events = await handle.wait(_POLL_S)
             if not events and not engine_loop.alive:
@@ -269,6 +315,8 @@ async def stream_events(handle: RequestStream, parsed: OpenAIRequest, request_id
                     if not state.finished:
                         for chunk in _choice_chunks(parsed, request_id, model, p * n + completion.index, state,
                                                     completion, want_logprobs):
+                            if parsed.continuous_usage:
+                                chunk["usage"] = usage(list(latest.values()))
                             yield _sse(chunk)
         if parsed.include_usage:
             yield _sse(usage_chunk(parsed, request_id, model, [latest[r] for r in handle.request_ids]))
@@ -344,15 +392,65 @@ def prometheus_text(engine_loop: EngineLoop) -> str:
     add("requests_rejected_total", "counter", "Requests refused with 429 (too many waiting).",
         engine_loop.counts["rejected"])
     add("engine_alive", "gauge", "1 while the engine thread runs.", int(engine_loop.alive))
+    lines += vllm_prometheus_text(engine_loop.vllm_metrics)
     return "\n".join(lines) + "\n"
+
+
+def tokenize_body(body: Any, tokenizer: Any, accepted_names: list[str], chat_template: str | None) -> list[int]:
+    """vLLM's /tokenize: a completion `prompt` (add_special_tokens defaults to true) or chat
+    `messages` rendered by the chat template (add_special_tokens defaults to false)."""
+    if not isinstance(body, dict):
+        raise OpenAIError("the request body must be a JSON object")
+    _check_model_name(body, accepted_names)
+    if tokenizer is None:
+        raise OpenAIError("tokenize needs a tokenizer (the engine runs with skip_tokenizer_init)")
+    if "messages" in body:
+        chat = parse_request(CHAT, {k: body[k] for k in ("messages", "add_generation_prompt", "continue_final_message",
+                                                         "chat_template_kwargs", "chat_template") if k in body})
+        messages, options = chat.prompts[0], chat.chat_options
+        try:
+            text = render_chat(tokenizer, messages, "messages", **{"chat_template": chat_template, **options})
+        except ValueError as err:
+            raise OpenAIError(str(err), "messages") from None
+        add_special = body.get("add_special_tokens", False)
+    elif isinstance(body.get("prompt"), str):
+        text, add_special = body["prompt"], body.get("add_special_tokens", True)
+    else:
+        raise OpenAIError("tokenize needs 'prompt' (a string) or 'messages'", "prompt", code="missing_field")
+    if not isinstance(add_special, bool):
+        raise OpenAIError(f"add_special_tokens must be true or false, got {add_special!r}", "add_special_tokens")
+    return tokenizer(text, add_special_tokens=add_special).input_ids
+
+
+def detokenize_body(body: Any, tokenizer: Any, accepted_names: list[str], vocab_size: int) -> str:
+    """vLLM's /detokenize: token ids to text."""
+    if not isinstance(body, dict):
+        raise OpenAIError("the request body must be a JSON object")
+    _check_model_name(body, accepted_names)
+    if tokenizer is None:
+        raise OpenAIError("detokenize needs a tokenizer (the engine runs with skip_tokenizer_init)")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise OpenAIError("tokens must be a list of token ids", "tokens")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise OpenAIError(f"tokens holds token id(s) {bad[:8]} outside the vocabulary [0, {vocab_size})", "tokens")
+    return tokenizer.decode(tokens)
+
+
+def _check_model_name(body: dict, accepted_names: list[str]) -> None:
+    model = body.get("model")
+    if model is not None and model not in accepted_names:
+        raise OpenAIError(f"the model {model!r} does not exist here", "model", status=404, code="model_not_found")
 
 
 def serve(engine_loop: EngineLoop, served_model_names: list[str], *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "info") -> None:
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "info",
+          chat_template: str | None = None, response_role: str = "assistant", access_log: bool = True) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
     app = build_app(engine_loop, served_model_names, api_key=api_key, max_waiting=max_waiting,
-                    max_request_bytes=max_request_bytes)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+                    max_request_bytes=max_request_bytes, chat_template=chat_template, response_role=response_role)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log)

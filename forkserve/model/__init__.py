@@ -1,4 +1,5 @@
-"""The Llama-family decoder, its config, checkpoint loading, and local tiny checkpoints."""
+"""The decoder every family shares (dense and mixture-of-experts), its config, checkpoint loading,
+and local tiny checkpoints."""
 from forkserve.model.config import ModelConfig
 from forkserve.model.llama import LlamaForCausalLM
 from forkserve.model.loader import load_model

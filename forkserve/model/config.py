@@ -1,4 +1,5 @@
-"""`ModelConfig`: the fields of a Hugging Face config.json that the Llama-family decoder needs."""
+"""`ModelConfig`: the fields of a Hugging Face config.json that the shared decoder needs, and the
+family table: what sets each supported architecture apart (everything else is shared)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """How a family's checkpoints name and configure their sparse MLP blocks."""
+
+    block: str  # the block's name inside a layer: router at {block}.gate, experts at {block}.experts.{e}
+    expert_weights: tuple[str, str, str]  # names of an expert's gate, up and down projections
+    num_experts_keys: tuple[str, ...]  # config.json's count of experts, by the names it may have
+    intermediate_key: str  # config.json's width of one expert
+    always_renormalise: bool  # top-k weights renormalised to sum 1 (else config.json's norm_topk_prob says)
+    layer_pattern: bool  # decoder_sparse_step and mlp_only_layers pick the sparse layers (else all are)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture: its quirks over the shared decoder (forkserve/model/llama.py)."""
+
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window_default: bool = False  # whether a sliding_window field applies without use_sliding_window
+    moe: MoEFamily | None = None
+
+
+FAMILIES = {
+    "LlamaForCausalLM": Family(),
+    "MistralForCausalLM": Family(sliding_window_default=True),
+    "Qwen2ForCausalLM": Family(qkv_bias=True),
+    "Qwen3ForCausalLM": Family(qk_norm=True),
+    "Qwen3MoeForCausalLM": Family(qk_norm=True, moe=MoEFamily(
+        "mlp", ("gate_proj", "up_proj", "down_proj"), ("num_experts", "num_local_experts"), "moe_intermediate_size",
+        always_renormalise=False, layer_pattern=True)),
+    "MixtralForCausalLM": Family(sliding_window_default=True, moe=MoEFamily(
+        "block_sparse_moe", ("w1", "w3", "w2"), ("num_local_experts",), "intermediate_size",
+        always_renormalise=True, layer_pattern=False)),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 # rope type -> the keys its parameters must hold (forkserve/model/layers.py computes each as HF does)
 ROPE_KEYS = {
     "default": (),
@@ -42,6 +79,16 @@ class ModelConfig:
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: list[int]
+    # Mixture of experts (num_experts 0 for dense models): which layers' MLPs are sparse, and their routing.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.architecture]
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
@@ -66,8 +113,9 @@ class ModelConfig:
         missing = [key for key in ROPE_KEYS[rope_type] if (rope or {}).get(key) is None]
         if missing:
             raise ValueError(f"rope scaling type {rope_type!r} needs {', '.join(missing)} in config.json")
+        family = FAMILIES[arch]
         eos = d.get("eos_token_id")
-        use_sliding = d.get("use_sliding_window", arch == "MistralForCausalLM")
+        use_sliding = d.get("use_sliding_window", family.sliding_window_default)
         sliding_window = d.get("sliding_window") if use_sliding else None
         max_positions = d.get("max_position_embeddings", 4096)
         if sliding_window is not None and sliding_window < max_positions:
@@ -90,10 +138,34 @@ class ModelConfig:
             rope_scaling=dict(rope, rope_type=rope_type) if rope_type != "default" else None,
             max_position_embeddings=max_positions,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qkv_bias=family.qkv_bias or bool(d.get("attention_bias", False)),
+            qk_norm=family.qk_norm,
             sliding_window=sliding_window,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            **_moe_fields(family.moe, d),
         )
+
+
+def _moe_fields(moe: MoEFamily | None, d: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of ModelConfig, read as HF transformers reads them (Qwen3-MoE's sparse
+    layers: every decoder_sparse_step-th, counting from 1, except mlp_only_layers)."""
+    if moe is None:
+        return {}
+    num_experts = next((d[key] for key in moe.num_experts_keys if key in d), None)
+    if num_experts is None:
+        raise ValueError(f"config.json names no number of experts ({' or '.join(moe.num_experts_keys)})")
+    top_k = d["num_experts_per_tok"]
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be between 1 and the number of experts {num_experts}")
+    layers = range(d["num_hidden_layers"])
+    if moe.layer_pattern:
+        step, dense = d.get("decoder_sparse_step", 1), set(d.get("mlp_only_layers") or ())
+        if step < 1:
+            raise ValueError(f"decoder_sparse_step {step} must be at least 1")
+        layers = [i for i in layers if i not in dense and (i + 1) % step == 0]
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=d[moe.intermediate_key],
+                norm_topk_prob=moe.always_renormalise or bool(d.get("norm_topk_prob", False)),
+                moe_layers=tuple(layers))

@@ -1,7 +1,9 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over flat, varlen token batches.
+"""The decoder every family shares (Llama 2/3, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral) over
+flat, varlen token batches; the family table (forkserve/model/config.py) says what differs.
 
-q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs on a GPU). Attention and
-the KV cache are not the model's business: each layer hands its q/k/v to a callback.
+q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs on a GPU). A layer's MLP
+is dense or a sparse mixture of experts (forkserve/model/moe.py). Attention and the KV cache are
+not the model's business: each layer hands its q/k/v to a callback.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import nn
 
 from forkserve.model.config import ModelConfig
 from forkserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from forkserve.model.moe import SparseMoE
 
 MLP_CHUNK_TOKENS = 4096
 
@@ -23,6 +26,20 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch
     layer = nn.Linear(n_in, n_out, bias=bias, dtype=dtype, device=device)
     layer.requires_grad_(False)
     return layer
+
+
+class DenseMLP(nn.Module):
+    """down(silu(gate) * up)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.gate_up_proj = _linear(hidden_size, 2 * intermediate_size, False, dtype, device)
+        self.down_proj = _linear(intermediate_size, hidden_size, False, dtype, device)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        act = silu_and_mul(self.gate_up_proj(x))
+        return self.down_proj(act) if out is None else torch.mm(act, self.down_proj.weight.t(), out=out)
 
 
 class DecoderLayer(nn.Module):
@@ -38,8 +55,11 @@ class DecoderLayer(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.gate_up_proj = _linear(c.hidden_size, 2 * c.intermediate_size, False, dtype, device)
-        self.down_proj = _linear(c.intermediate_size, c.hidden_size, False, dtype, device)
+        if index in c.moe_layers:
+            self.mlp: DenseMLP | SparseMoE = SparseMoE(c.hidden_size, c.moe_intermediate_size, c.num_experts,
+                                                       c.num_experts_per_tok, c.norm_topk_prob, dtype, device)
+        else:
+            self.mlp = DenseMLP(c.hidden_size, c.intermediate_size, dtype, device)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 rotary: RotaryEmbedding, attention: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,15 +83,16 @@ class DecoderLayer(nn.Module):
         return self._mlp(normed), residual
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate) * up), at most MLP_CHUNK_TOKENS tokens at a time: on the 8B shape a
-        16K-token step's gate/up activations would take 1.3 GiB at once, memory the KV pool's
-        sizing must leave free (worker/memory.py); GEMMs of 4K rows run at the same rate."""
+        """The MLP, at most MLP_CHUNK_TOKENS tokens at a time: on the 8B shape a 16K-token step's
+        gate/up activations would take 1.3 GiB at once (a MoE block's, top-k times its width),
+        memory the KV pool's sizing must leave free (worker/memory.py); GEMMs of 4K rows run at
+        the same rate."""
         if x.shape[0] <= MLP_CHUNK_TOKENS:
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            return self.mlp(x)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], MLP_CHUNK_TOKENS):
             rows = slice(start, start + MLP_CHUNK_TOKENS)
-            torch.mm(silu_and_mul(self.gate_up_proj(x[rows])), self.down_proj.weight.t(), out=out[rows])
+            self.mlp(x[rows], out=out[rows])
         return out
 
 

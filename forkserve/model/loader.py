@@ -1,4 +1,7 @@
-"""Loads a checkpoint directory into `LlamaForCausalLM`: safetensors only, never pickles."""
+"""Loads a checkpoint directory into `LlamaForCausalLM`: safetensors only, never pickles.
+
+A MoE family's per-expert tensors are copied into the layer's stacked expert weights here, once.
+"""
 from __future__ import annotations
 
 import json
@@ -16,9 +19,9 @@ logger = logging.getLogger(__name__)
 # HF name (inside a layer) -> (our fused parameter, shard index within it)
 _FUSED = {
     "self_attn.q_proj": ("qkv_proj", 0), "self_attn.k_proj": ("qkv_proj", 1), "self_attn.v_proj": ("qkv_proj", 2),
-    "mlp.gate_proj": ("gate_up_proj", 0), "mlp.up_proj": ("gate_up_proj", 1),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1),
 }
-_RENAMED = {"self_attn.o_proj": "o_proj", "mlp.down_proj": "down_proj", "self_attn.q_norm": "q_norm",
+_RENAMED = {"self_attn.o_proj": "o_proj", "mlp.down_proj": "mlp.down_proj", "self_attn.q_norm": "q_norm",
             "self_attn.k_norm": "k_norm"}
 
 
@@ -53,6 +56,10 @@ def _destination(model: LlamaForCausalLM, params: dict[str, torch.Tensor], name:
     if parts[:2] != ["model", "layers"] or len(parts) < 5:
         return None
     prefix, inner, kind = f"layers.{parts[2]}.", ".".join(parts[3:-1]), parts[-1]
+    moe = model.config.family.moe
+    sparse = moe is not None and parts[2].isdigit() and int(parts[2]) in model.config.moe_layers
+    if sparse and inner.startswith(moe.block + "."):
+        return _expert_destination(model.config, params, prefix, inner.removeprefix(moe.block + "."), kind)
     if inner in _FUSED:
         fused, shard = _FUSED[inner]
         rows = _shard_rows(model.config, fused)
@@ -62,6 +69,27 @@ def _destination(model: LlamaForCausalLM, params: dict[str, torch.Tensor], name:
         return params[f"{prefix}{_RENAMED[inner]}.{kind}"]
     if inner in ("input_layernorm", "post_attention_layernorm"):
         return params[f"{prefix}{inner}.{kind}"]
+    return None
+
+
+def _expert_destination(config: ModelConfig, params: dict[str, torch.Tensor], prefix: str, inner: str,
+                        kind: str) -> torch.Tensor | None:
+    """The view of a sparse layer's router or stacked experts that a HF tensor fills
+    (`inner`: 'gate' or 'experts.{e}.{projection}', below the family's block name)."""
+    if kind != "weight":
+        return None
+    if inner == "gate":
+        return params[prefix + "mlp.gate"]
+    parts = inner.split(".")
+    gate, up, down = config.family.moe.expert_weights
+    if len(parts) != 3 or parts[0] != "experts" or not parts[1].isdigit() or int(parts[1]) >= config.num_experts:
+        return None
+    expert, size = int(parts[1]), config.moe_intermediate_size
+    if parts[2] == down:
+        return params[prefix + "mlp.w2"][expert]
+    if parts[2] in (gate, up):
+        start = 0 if parts[2] == gate else size
+        return params[prefix + "mlp.w13"][expert, start:start + size]
     return None
 
 
@@ -113,8 +141,14 @@ def expected_weight_names(config: ModelConfig) -> list[str]:
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         names += [p + n + ".weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                                             "input_layernorm", "post_attention_layernorm")]
+                                             "self_attn.o_proj", "input_layernorm", "post_attention_layernorm")]
+        if i in config.moe_layers:
+            moe = config.family.moe
+            names.append(f"{p}{moe.block}.gate.weight")
+            names += [f"{p}{moe.block}.experts.{e}.{n}.weight" for e in range(config.num_experts)
+                      for n in moe.expert_weights]
+        else:
+            names += [p + n + ".weight" for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
         if config.qkv_bias:
             names += [p + f"self_attn.{n}_proj.bias" for n in "qkv"]
         if config.qk_norm:

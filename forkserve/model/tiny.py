@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -40,14 +41,15 @@ requests join a running batch at every step, and finished ones leave it at once.
 
 _DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
+_MOE_DIMS = dict(num_experts_per_tok=2, output_router_logits=False, router_aux_loss_coef=0.0)
 _INIT_STD = 0.15  # larger than HF's 0.02 so that greedy top-2 logits are rarely near-ties
 
 
-def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int, overrides: dict[str, Any]):
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(_DIMS, head_dim=head_dim, vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                  initializer_range=_INIT_STD, torch_dtype="float32")
+                  initializer_range=_INIT_STD, torch_dtype="float32", **overrides)
     if family == "llama":
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 256, "rope_theta": 500000.0}
@@ -56,6 +58,13 @@ def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int):
     if family == "mistral":  # as Mistral 7B v0.2 on: no sliding window
         return MistralConfig(**common, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
                              architectures=["MistralForCausalLM"])
+    if family == "qwen3_moe":  # 8 experts of width 32 (the dense MLP of mlp_only_layers stays 128 wide)
+        return Qwen3MoeConfig(**{"num_experts": 8, "moe_intermediate_size": 32, "norm_topk_prob": True, **common},
+                              **_MOE_DIMS, rope_theta=1000000.0, tie_word_embeddings=False, attention_bias=False,
+                              use_sliding_window=False, architectures=["Qwen3MoeForCausalLM"])
+    if family == "mixtral":
+        return MixtralConfig(**{"num_local_experts": 4, **common}, **_MOE_DIMS, rope_theta=1000000.0,
+                             sliding_window=None, tie_word_embeddings=False, architectures=["MixtralForCausalLM"])
     if family == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
                            architectures=["Qwen2ForCausalLM"])
@@ -63,7 +72,8 @@ def _hf_config(family: str, vocab_size: int, eos: int, head_dim: int):
                        use_sliding_window=False, architectures=["Qwen3ForCausalLM"])
 
 
-def _train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on CORPUS, with SPECIAL_TOKENS and the ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,8 +88,10 @@ def _train_tokenizer(vocab_size: int):
 
 
 @torch.no_grad()
-def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, head_dim: int = 16) -> Path:
-    """Write config.json, model.safetensors and tokenizer files of a tiny `family` model.
+def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, head_dim: int = 16,
+                    **config: Any) -> Path:
+    """Write config.json, model.safetensors and tokenizer files of a tiny `family` model;
+    `config` overrides fields of its HF config (e.g. Qwen3-MoE's mlp_only_layers).
 
     GPU kernels need head_dim >= 64; the CPU tests use 16 to stay fast.
     """
@@ -89,9 +101,9 @@ def make_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, h
         raise ValueError(f"unknown tiny model family {family!r}: choose one of {', '.join(FAMILIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(vocab_size=1024)
+    tokenizer = train_tokenizer(vocab_size=1024)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = _hf_config(family, len(tokenizer), eos, head_dim)
+    config = _hf_config(family, len(tokenizer), eos, head_dim, config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from forkserve.sampler import Sampler, SamplerOutput
+from forkserve.sampler import Sampler, SamplerOutput, TokenBitmask
 from forkserve.worker.plan import DrawRequest, StepResult
 
 
@@ -27,7 +27,9 @@ class ForkingSampler:
         self.sampler = sampler
         self.max_rows = max_rows
 
-    def __call__(self, logits: torch.Tensor, requests: Seq[DrawRequest]) -> StepResult:
+    def __call__(self, logits: torch.Tensor, requests: Seq[DrawRequest], bitmask: TokenBitmask | None = None
+                 ) -> StepResult:
+        """`bitmask` has one row per draw row (the requests' rows flattened in order)."""
         counts = [len(r.rows) for r in requests]
         first_row, total = [], 0
         for count in counts:
@@ -37,11 +39,12 @@ class ForkingSampler:
         if total:
             rows = [row for r in requests for row in r.rows]
             if all(c == 1 for c in counts) and total <= self.max_rows:
-                sampled = self.sampler(logits, rows)
+                sampled = self.sampler(logits, rows, bitmask)
             else:
                 index = torch.repeat_interleave(torch.arange(len(requests), device=logits.device),
                                                 torch.tensor(counts, device=logits.device))
-                parts = [self.sampler(logits[index[a:a + self.max_rows]], rows[a:a + self.max_rows])
+                parts = [self.sampler(logits[index[a:a + self.max_rows]], rows[a:a + self.max_rows],
+                                      None if bitmask is None else bitmask.slice(a, a + self.max_rows))
                          for a in range(0, total, self.max_rows)]
                 sampled = SamplerOutput(*([x for part in parts for x in getattr(part, f.name)]
                                           for f in fields(SamplerOutput)))

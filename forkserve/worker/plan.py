@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from forkserve.sampler import SamplerOutput, SamplingRow
+from forkserve.sampler import SamplerOutput, SamplingRow, TokenBitmask
 
-__all__ = ["PLACEHOLDER", "Sharing", "DrawRequest", "StepPlan", "StepResult", "SamplingRow", "SamplerOutput"]
+__all__ = ["PLACEHOLDER", "Sharing", "DrawRequest", "PromptLogprobRange", "PromptLogprobs", "StepPlan", "StepResult",
+           "SamplingRow", "SamplerOutput", "TokenBitmask"]
 
 PLACEHOLDER = -1  # token id of a draw still on the GPU; the step that reads it takes it from there
 
@@ -48,6 +49,21 @@ class DrawRequest:
 
 
 @dataclass
+class PromptLogprobRange:
+    """Prompt logprobs one row asks for this step (vLLM's prompt_logprobs): the step's tokens
+    input_ids[first_token:first_token + len(targets)] predict `targets`, the prompt tokens after them."""
+
+    row: int  # the plan's row (the core reads the values back by it)
+    first_token: int  # index into the step's input_ids
+    targets: np.ndarray  # [n] int64
+    top_k: int  # top logprobs per position (ALL_LOGPROBS: the whole vocabulary)
+
+
+# Per predicted prompt token: its logprob, its rank, and the top (token, logprob) pairs
+PromptLogprobs = list[tuple[float, int, list[tuple[int, float]]]]
+
+
+@dataclass
 class StepPlan:
     """One step for the worker: B rows (sequences) adding T new tokens in all.
 
@@ -69,6 +85,8 @@ class StepPlan:
     sharing: Sharing | None = None
     sharing_key: int = -1  # equal keys: equal sharing (the worker reuses what it built from it)
     page_copies: np.ndarray | None = None  # [N, 2] int32: (source page, destination page)
+    bitmask: TokenBitmask | None = None  # synchronous step: allowed tokens of its constrained draw rows
+    prompt_logprobs: list[PromptLogprobRange] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -82,3 +100,4 @@ class StepResult:
     sampled: SamplerOutput | None  # the draws of every request's rows, flattened in order
     first_row: list[int]  # per draw request, the index of its first draw in `sampled`
     top: list[list[tuple[int, float]] | None]  # per draw request, its probe's candidates (best first)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # per plan.prompt_logprobs entry

@@ -1,7 +1,8 @@
 """Turns a step plan into tensors, runs the model over the paged KV cache, and samples."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -9,12 +10,15 @@ import torch
 from forkserve.worker.attention.base import AttentionBackend, AttentionMetadata
 from forkserve.worker.attention.cascade import CascadePlanner
 from forkserve.model.llama import LlamaForCausalLM
-from forkserve.sampler import Draws, SamplerOutput
+from forkserve.sampler import Draws, SamplerOutput, TokenBitmask
+from forkserve.sampling_params import ALL_LOGPROBS
 from forkserve.transfer import to_device
 from forkserve.worker.cuda_graphs import DecodeGraphs, padded_size
 from forkserve.worker.forking_sampler import ForkingSampler
 from forkserve.worker.kv_cache import KVCache
-from forkserve.worker.plan import StepPlan, StepResult
+from forkserve.worker.plan import PromptLogprobRange, PromptLogprobs, StepPlan, StepResult
+
+PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are computed at once for prompt_logprobs
 
 
 def build_metadata(plan: StepPlan, kv_cache: KVCache, device: torch.device,
@@ -54,9 +58,14 @@ class LaunchedStep:
 
     tokens: torch.Tensor  # drawn token per sampling row, on the device: the next step's inputs
     draws: Draws  # host copies in flight
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # per plan.prompt_logprobs entry
+    output: SamplerOutput | None = None  # the draws on the host, once read
 
     def result(self) -> SamplerOutput:
-        return self.draws.to_host()
+        """The draws on the host (waits for them the first time; a step's mask may read them early)."""
+        if self.output is None:
+            self.output = self.draws.to_host()
+        return self.output
 
 
 class ModelRunner:
@@ -82,23 +91,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
-        """Run one step and wait for its draws (`plan.draws`, one per logits row)."""
-        logits = self._forward(plan, None)
-        return None if logits is None else self.sampler(logits, plan.draws)
+        """Run one step and wait for its draws (`plan.draws`, one per logits row, masked by
+        `plan.bitmask` where it constrains them); None when nothing samples and no prompt logprobs
+        were asked for."""
+        logits, prompt_logprobs = self._forward(plan, None)
+        if logits is None:
+            return None if not prompt_logprobs else StepResult(None, [], [], prompt_logprobs)
+        result = self.sampler(logits, plan.draws, plan.bitmask)
+        result.prompt_logprobs = prompt_logprobs
+        return result
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, previous: LaunchedStep | None) -> LaunchedStep:
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None,
+               bitmask: Callable[[], TokenBitmask | None] | None = None) -> LaunchedStep:
         """Queue one step of plain draws (`plan.rows`, one per logits row) without waiting for it.
 
-        The plan's pending tokens are taken from `previous`'s draws, on the device.
+        The plan's pending tokens are taken from `previous`'s draws, on the device. `bitmask`
+        (structured outputs) is called once the forward is queued: the core fills the step's token
+        mask, which may need `previous`'s tokens, while the GPU computes; the draws are queued after it.
         """
-        logits = self._forward(plan, previous)
+        logits, prompt_logprobs = self._forward(plan, previous)
         assert logits is not None, "a launched step must sample"
-        draws = self.sampler.sampler.draw(logits, plan.rows)
-        return LaunchedStep(draws.tokens, draws.copy_to_host())
+        draws = self.sampler.sampler.draw(logits, plan.rows, bitmask() if bitmask is not None else None)
+        return LaunchedStep(draws.tokens, draws.copy_to_host(), prompt_logprobs)
 
-    def _forward(self, plan: StepPlan, previous: LaunchedStep | None) -> torch.Tensor | None:
-        """Logits at each of the plan's logits rows (None if there are none)."""
+    def _forward(self, plan: StepPlan, previous: LaunchedStep | None
+                 ) -> tuple[torch.Tensor | None, list[PromptLogprobs]]:
+        """Logits at each of the plan's logits rows (None if there are none), and the prompt
+        logprobs the plan asks for."""
         if plan.page_copies is not None:
             self.kv_cache.copy_pages(plan.page_copies)
         input_ids, positions, meta = build_metadata(plan, self.kv_cache, self.device, self.cascade)
@@ -117,7 +137,8 @@ class ModelRunner:
                 return self.backend.forward(layer, q, k, v, self.kv_cache, meta)
 
             hidden = self.model(input_ids, positions, attention)
-        return self._logits(hidden, plan.logits_rows) if plan.logits_rows else None
+        prompt_logprobs = [self._prompt_logprobs(hidden, wanted) for wanted in plan.prompt_logprobs]
+        return (self._logits(hidden, plan.logits_rows) if plan.logits_rows else None), prompt_logprobs
 
     def _logits(self, hidden: torch.Tensor, last: list[int]) -> torch.Tensor:
         """Logits of hidden's rows `last` (increasing), computed for a row count padded up to one of
@@ -131,6 +152,27 @@ class ModelRunner:
             return self.model.compute_logits(hidden[:padded])[:rows]
         index = to_device(last + [last[-1]] * (padded - rows), self.device, torch.long)
         return self.model.compute_logits(hidden[index])[:rows]
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, wanted: PromptLogprobRange) -> PromptLogprobs:
+        """Logprobs of the prompt tokens a row's chunk predicts (position p predicts token p + 1):
+        per token the actual one's logprob and rank, and the top k; PROMPT_LOGPROB_ROWS positions
+        at a time (each is a vocabulary of floats)."""
+        values: PromptLogprobs = []
+        count = len(wanted.targets)
+        for a in range(0, count, PROMPT_LOGPROB_ROWS):
+            b = min(a + PROMPT_LOGPROB_ROWS, count)
+            rows = hidden[wanted.first_token + a:wanted.first_token + b]
+            logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
+            k = logprobs.shape[-1] if wanted.top_k == ALL_LOGPROBS else wanted.top_k
+            targets = to_device(wanted.targets[a:b], self.device, torch.long)
+            chosen = logprobs.gather(1, targets[:, None])
+            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+            top = torch.topk(logprobs, k, dim=-1) if k else None
+            top_ids = top.indices.tolist() if top is not None else [[]] * (b - a)
+            top_values = top.values.tolist() if top is not None else [[]] * (b - a)
+            for lp, rank, ids, tops in zip(chosen[:, 0].tolist(), ranks, top_ids, top_values):
+                values.append((lp, rank, list(zip(ids, tops))))
+        return values
 
     @torch.inference_mode()
     def _load_logits_kernels(self) -> None:

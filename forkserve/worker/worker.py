@@ -7,6 +7,7 @@ backend, CUDA graphs, sampler kernels) is chosen from the engine settings once, 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ from forkserve.worker.attention.reference import ReferenceBackend
 from forkserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype
 from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
-from forkserve.sampler import Sampler
+from forkserve.sampler import Sampler, TokenBitmask
 from forkserve.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from forkserve.worker.forking_sampler import ForkingSampler
 from forkserve.worker.kv_cache import KVCache
@@ -61,9 +62,11 @@ class Worker:
         """Run a step and wait for its draws (None when nothing samples)."""
         return self.runner.execute(plan)
 
-    def launch(self, plan: StepPlan, previous: LaunchedStep | None) -> LaunchedStep:
-        """Queue a step of plain draws; its tokens reach the host through the handle's `result()`."""
-        return self.runner.launch(plan, previous)
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None,
+               bitmask: Callable[[], TokenBitmask | None] | None = None) -> LaunchedStep:
+        """Queue a step of plain draws; its tokens reach the host through the handle's `result()`.
+        `bitmask` (structured outputs) gives the step's token mask once its forward is queued."""
+        return self.runner.launch(plan, previous, bitmask)
 
     def stats(self) -> dict[str, int]:
         """KV pages one layer's attention read, summed over steps, against what plain attention
