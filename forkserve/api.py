@@ -13,7 +13,7 @@ from forkserve.config import EngineConfig
 from forkserve.engine.engine import Engine, PromptInput
 from forkserve.engine.summary import batch_summary, describe
 from forkserve.outputs import BeamSearchOutput, RequestOutput
-from forkserve.sampling_params import BeamSearchParams, SamplingParams
+from forkserve.sampling_params import BeamSearchParams, SamplingParams, is_valid_text
 from forkserve.search.beam import beam_search
 from forkserve.search.tree import Node, TreeSearch
 
@@ -109,6 +109,8 @@ class LLM:
             label = f"conversation {i}"
             if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
                 raise ValueError(f"{label}: messages must be a non-empty list of {{'role', 'content'}} dicts")
+            if any(isinstance(v, str) and not is_valid_text(v) for m in conversation for v in m.values()):
+                raise ValueError(f"{label}: a message holds text that is not valid Unicode (a lone surrogate)")
             text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
             ids = tokenizer(text, add_special_tokens=False).input_ids

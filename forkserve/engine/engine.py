@@ -28,7 +28,7 @@ from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
 from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
 from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow
-from forkserve.sampling_params import SamplingParams
+from forkserve.sampling_params import SamplingParams, is_valid_text
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,8 @@ class Engine:
                 raise ValueError(f"{label}: text prompts need a tokenizer (skip_tokenizer_init is set)")
             if not prompt:
                 raise ValueError(f"{label}: prompt is empty")
+            if not is_valid_text(prompt):
+                raise ValueError(f"{label}: prompt is not valid Unicode (it holds a lone surrogate)")
             return self._check_tokens(self.tokenizer(prompt).input_ids, label, prompt)
         if isinstance(prompt, dict):
             unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})

@@ -40,17 +40,25 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
-    from forkserve.entrypoints.batch_runner import BatchRunner
+    from forkserve.entrypoints.batch_runner import BatchRunner, EngineKeepsFailing
+    from forkserve.entrypoints.recovery import EngineUnrecoverable
 
-    runner = BatchRunner(args.input, args.output)  # refuses duplicate custom_ids before any work
-    if runner.remaining == 0:
-        logger.info("run-batch: all %d requests of %s are already answered in %s", len(runner.lines), args.input,
-                    args.output)
-        return 0
-    if runner.skipped:
-        logger.info("run-batch: resuming: %d of %d requests already answered in %s", runner.skipped,
-                    len(runner.lines), args.output)
-    runner.run(_build_engine(args), _served_names(args), use_tqdm=not args.no_progress)
+    # Before the model loads: duplicate custom_ids, another runner on the output, an output
+    # directory that is read-only or full are all refused here.
+    with BatchRunner(args.input, args.output) as runner:
+        if runner.remaining == 0:
+            runner.compact()
+            logger.info("run-batch: all %d requests of %s are already answered in %s", len(runner.lines),
+                        args.input, args.output)
+            return 0
+        if runner.skipped or runner.rerun:
+            logger.info("run-batch: resuming: %d of %d requests already answered in %s, %d changed since and "
+                        "run again", runner.skipped, len(runner.lines), args.output, runner.rerun)
+        try:
+            runner.run(_build_engine(args), _served_names(args), use_tqdm=not args.no_progress)
+        except (EngineKeepsFailing, EngineUnrecoverable) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -79,11 +87,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.max_waiting < 1 or args.max_request_bytes < 1:
         raise ValueError("--max-waiting and --max-request-bytes must be positive")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("the API key is empty (--api-key or FORKSERVE_API_KEY): give a key, or unset it to "
+                         "serve without one")
     if args.api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    serve(EngineLoop(_build_engine(args)), _served_names(args), host=args.host, port=args.port,
+    engine_loop = EngineLoop(_build_engine(args), rebuild=lambda: _build_engine(args))
+    serve(engine_loop, _served_names(args), host=args.host, port=args.port,
           api_key=args.api_key, max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
           log_level=logging.getLevelName(logging.getLogger().level))
+    if engine_loop.error is not None:
+        print(f"error: {engine_loop.error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ same mistakes with the same messages, and answer with the same objects.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 from forkserve.engine.engine import PromptInput
 from forkserve.outputs import Logprob, RequestOutput
-from forkserve.sampling_params import SamplingParams
+from forkserve.sampling_params import SamplingParams, is_valid_text, shown
 
 COMPLETIONS = "completion"
 CHAT = "chat"
@@ -41,6 +42,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 _SAMPLING_ERROR = re.compile(r"^invalid SamplingParams: (\w+) ")
+_ENGINE_PARAM_ERROR = re.compile(r"^request: (\w+)=")
 
 
 class OpenAIError(ValueError):
@@ -72,6 +74,8 @@ class OpenAIRequest:
     stream: bool = False
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    # SamplingParams field -> the body field it came from (chat's logprobs come from top_logprobs)
+    source: dict[str, str] = field(default_factory=dict)
 
     @property
     def prompt_param(self) -> str:
@@ -91,9 +95,8 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise OpenAIError(f"unknown field(s) {', '.join(repr(u) for u in unknown)}", unknown[0], code="unknown_field")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise OpenAIError(f"model must be a string, got {model!r}", "model")
+    for name in ("model", "user"):
+        _optional_text(body, name)
     stream = _optional_bool(body, "stream") or False
     include_usage = False
     options = body.get("stream_options")
@@ -115,7 +118,7 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
         limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         values["max_tokens"], source["max_tokens"] = body.get(limit), limit
         if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
-            raise OpenAIError(f"logprobs must be true or false, got {body['logprobs']!r}", "logprobs")
+            raise OpenAIError(f"logprobs must be true or false, got {shown(body['logprobs'])}", "logprobs")
         top = body.get("top_logprobs")
         if top is not None and not body.get("logprobs"):
             raise OpenAIError("top_logprobs needs logprobs: true", "top_logprobs")
@@ -128,6 +131,8 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
         if body.get("suffix") is not None:
             raise OpenAIError("suffix is not supported", "suffix", code="unsupported")
         best_of = body.get("best_of")
+        if best_of is not None and not _is_int(best_of):
+            raise OpenAIError(f"best_of must be an integer, got {shown(best_of)}", "best_of")
         if best_of is not None and best_of != body.get("n", 1):
             raise OpenAIError("best_of other than n is not supported", "best_of", code="unsupported")
         max_tokens = body.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
@@ -138,14 +143,29 @@ def parse_request(kind: str, body: Any) -> OpenAIRequest:
         params = SamplingParams(**values)
     except ValueError as err:
         match = _SAMPLING_ERROR.match(str(err))
-        raise OpenAIError(str(err), source.get(match.group(1)) if match else None) from None
-    return OpenAIRequest(kind, params, prompts, model, stream, include_usage)
+        name = match.group(1) if match else None
+        param = source.get(name, name) if name else None
+        message = str(err)
+        if name and param != name:  # say it as the body said it (max_completion_tokens, top_logprobs)
+            message = message.replace(f"SamplingParams: {name} ", f"SamplingParams: {param} ", 1)
+        raise OpenAIError(message, param) from None
+    return OpenAIRequest(kind, params, prompts, body.get("model"), stream, include_usage, source=source)
+
+
+def parse_json(data: bytes | bytearray, what: str = "the request body") -> Any:
+    """JSON as Python reads it (NaN and Infinity included: the fields' checks refuse them by name).
+    Text that does not parse, nests deeper than Python recurses, or holds an integer too long to
+    convert raises OpenAIError (the last is a ValueError, the nesting a RecursionError)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise OpenAIError(f"{what} is not valid JSON: {shown(str(err))}", None, code="invalid_json") from None
 
 
 def check_model(request: OpenAIRequest, served: list[str]) -> None:
     """A named model must be one this process serves (an absent name means the first)."""
     if request.model is not None and request.model not in served:
-        raise OpenAIError(f"the model {request.model!r} does not exist here; this process serves "
+        raise OpenAIError(f"the model {shown(request.model)} does not exist here; this process serves "
                           f"{', '.join(repr(s) for s in served)}", "model", status=404, code="model_not_found")
 
 
@@ -170,10 +190,12 @@ def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any) -> list[Pr
                     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
                 except Exception as err:  # template errors (e.g. raise_exception on bad role order)
                     raise OpenAIError(f"{label}: the chat template failed: {err}", param) from None
-                ids = tokenizer(text, add_special_tokens=False).input_ids
             else:
                 text = prompt
-                ids = tokenizer(text).input_ids
+            try:
+                ids = tokenizer(text, add_special_tokens=request.kind != CHAT).input_ids
+            except Exception as err:  # the text was checked; a tokenizer may still refuse some
+                raise OpenAIError(f"{label}: the tokenizer failed: {type(err).__name__}: {err}", param) from None
             raw = {"prompt_token_ids": ids, "prompt": text}
         try:
             inputs.append(engine.make_prompt(raw, label))
@@ -183,7 +205,8 @@ def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any) -> list[Pr
     try:
         engine.check_params(request.params, "request")
     except ValueError as err:
-        raise OpenAIError(str(err), "top_logprobs" if request.kind == CHAT else "logprobs") from None
+        match = _ENGINE_PARAM_ERROR.match(str(err))
+        raise OpenAIError(str(err), request.source.get(match.group(1), match.group(1)) if match else None) from None
     return inputs
 
 
@@ -195,7 +218,22 @@ def _json_type(value: Any) -> str:
 def _optional_bool(body: dict, name: str, param: str | None = None) -> bool | None:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise OpenAIError(f"{param or name} must be true or false, got {value!r}", param or name)
+        raise OpenAIError(f"{param or name} must be true or false, got {shown(value)}", param or name)
+    return value
+
+
+def _check_text(value: str, param: str) -> str:
+    if not is_valid_text(value):
+        raise OpenAIError(f"{param} is not valid Unicode (it holds a lone surrogate such as \\ud800)", param)
+    return value
+
+
+def _optional_text(body: dict, name: str, param: str | None = None) -> str | None:
+    value = body.get(name)
+    if value is not None:
+        if not isinstance(value, str):
+            raise OpenAIError(f"{param or name} must be a string, got {shown(value)}", param or name)
+        _check_text(value, param or name)
     return value
 
 
@@ -206,10 +244,10 @@ def _is_int(value: Any) -> bool:
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
     """OpenAI's prompt forms: a string, strings, token ids, or lists of token ids."""
     if isinstance(prompt, str):
-        return [prompt]
+        return [_check_text(prompt, "prompt")]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
+            return [_check_text(p, "prompt") for p in prompt]
         if all(_is_int(t) for t in prompt):
             return [list(prompt)]
         if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
@@ -232,8 +270,9 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise OpenAIError(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise OpenAIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise OpenAIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {shown(role)}",
+                              f"{where}.role")
         content = message.get("content")
         if isinstance(content, list):
             texts = []
@@ -241,15 +280,16 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                     raise OpenAIError(f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
                                       "are supported", f"{where}.content")
-                texts.append(part["text"])
+                texts.append(_check_text(part["text"], f"{where}.content"))
             content = "".join(texts)
         elif content is None and role == "assistant":
             content = ""
         elif not isinstance(content, str):
             raise OpenAIError(f"{where}.content must be a string or an array of text parts", f"{where}.content")
-        entry = {"role": role, "content": content}
-        if isinstance(message.get("name"), str):
-            entry["name"] = message["name"]
+        entry = {"role": role, "content": _check_text(content, f"{where}.content")}
+        name = _optional_text(message, "name", f"{where}.name")
+        if name is not None:
+            entry["name"] = name
         checked.append(entry)
     return checked
 

@@ -28,9 +28,10 @@ from forkserve.entrypoints import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 from forkserve.entrypoints.engine_loop import EngineDead, EngineLoop, RequestStream, StreamEvent
 from forkserve.entrypoints.openai_protocol import (CHAT, COMPLETIONS, OpenAIError, OpenAIRequest, chat_chunk,
                                                    chat_logprobs, check_model, completion_chunk,
-                                                   completion_logprobs, error_body, make_prompts, new_id,
+                                                   completion_logprobs, error_body, make_prompts, new_id, parse_json,
                                                    parse_request, response_body, usage_chunk)
 from forkserve.outputs import CompletionOutput, RequestOutput
+from forkserve.sampling_params import shown
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
     second copy of the engine's, loaded here), never with the engine's own, which the engine
     thread uses.
     """
-    engine = engine_loop.engine
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a non-empty --api-key / FORKSERVE_API_KEY, or none at all")
+    engine = engine_loop.engine  # for set-up only: after a fault the loop may run a new one
     if tokenizer is None and engine.tokenizer is not None:
         from transformers import AutoTokenizer
 
@@ -102,7 +105,8 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": started_at, "owned_by": "forkserve",
-             "root": engine.config.model, "parent": None, "max_model_len": engine.max_model_len}
+             "root": engine_loop.engine.config.model, "parent": None,
+             "max_model_len": engine_loop.engine.max_model_len}
             for name in served_model_names]}
 
     @app.get("/metrics", dependencies=guarded)
@@ -111,9 +115,16 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     async def generate(request: Request, kind: str) -> Response:
         body = await read_json(request, max_request_bytes)
-        parsed = parse_request(kind, body)
-        check_model(parsed, served_model_names)
-        prompts = make_prompts(parsed, tokenizer, engine)
+        try:
+            parsed = parse_request(kind, body)
+            check_model(parsed, served_model_names)
+            prompts = make_prompts(parsed, tokenizer, engine_loop.engine)
+        except OpenAIError:
+            raise
+        except Exception as err:  # a body the checks did not foresee: still this request's fault alone
+            logger.exception("a request body failed validation unexpectedly")
+            raise OpenAIError(f"the request could not be read: {type(err).__name__}: {shown(str(err))}", None,
+                              code="invalid_request") from None
         if engine_loop.num_waiting >= max_waiting:
             engine_loop.counts["rejected"] += 1
             raise OpenAIError(f"the server is busy: {engine_loop.num_waiting} requests are already waiting for "
@@ -156,10 +167,7 @@ async def read_json(request: Request, limit: int) -> Any:
         data += chunk
         if len(data) > limit:
             raise too_big
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise OpenAIError(f"the request body is not valid JSON: {err}", None, code="invalid_json") from None
+    return parse_json(data)
 
 
 def _prompt_index(handle: RequestStream, request_id: str) -> int:
@@ -174,8 +182,10 @@ async def collect(handle: RequestStream, request: Request, engine_loop: EngineLo
             events = await handle.wait(_POLL_S)
             for event in events:
                 if event.kind == "error":
-                    raise OpenAIError(event.message or "the request failed", None, status=500,
-                                      type="server_error", code=None)
+                    fault = event.status >= 500
+                    raise OpenAIError(event.message or "the request failed", None, status=event.status,
+                                      type="server_error" if fault else "invalid_request_error",
+                                      code="engine_fault" if fault else "invalid_request")
                 if event.kind == "final":
                     outputs[event.request_id] = event.output  # type: ignore[assignment]
             if not events:
@@ -259,7 +269,10 @@ async def stream_events(handle: RequestStream, parsed: OpenAIRequest, request_id
                 events = [_dead_event(handle, engine_loop)]
             for event in events:
                 if event.kind == "error":
-                    yield _sse(error_body(event.message or "the request failed", "server_error", None, None))
+                    fault = event.status >= 500
+                    yield _sse(error_body(event.message or "the request failed",
+                                          "server_error" if fault else "invalid_request_error", None,
+                                          "engine_fault" if fault else "invalid_request"))
                     yield _sse("[DONE]")
                     return
                 latest[event.request_id] = event.output  # type: ignore[assignment]
@@ -344,6 +357,8 @@ def prometheus_text(engine_loop: EngineLoop) -> str:
     add("requests_rejected_total", "counter", "Requests refused with 429 (too many waiting).",
         engine_loop.counts["rejected"])
     add("engine_alive", "gauge", "1 while the engine thread runs.", int(engine_loop.alive))
+    add("engine_faults_total", "counter", "Engine steps that failed (their requests got 500; the engine was reset).",
+        engine_loop.faults)
     return "\n".join(lines) + "\n"
 
 
@@ -355,4 +370,6 @@ def serve(engine_loop: EngineLoop, served_model_names: list[str], *, host: str =
 
     app = build_app(engine_loop, served_model_names, api_key=api_key, max_waiting=max_waiting,
                     max_request_bytes=max_request_bytes)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower()))
+    engine_loop.on_dead = lambda: setattr(server, "should_exit", True)  # no engine: end the process
+    server.run()
