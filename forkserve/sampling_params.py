@@ -23,7 +23,10 @@ _SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 80, 40, 80
 
 def shown(value: Any) -> str:
     """A bounded repr for error messages: a poison value may be huge or deeply nested."""
-    return _SHOWN.repr(value)
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # an int past Python's str conversion limit (4,300 digits)
+        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else f"<{type(value).__name__}>"
 
 
 def _fail(name: str, why: str, value: Any) -> ValueError:

@@ -56,6 +56,12 @@ class EngineDead(RuntimeError):
     """The engine thread stopped and no engine could be rebuilt; no request can run."""
 
 
+def _serving(engine: Engine) -> Engine:
+    """Requests arrive over time here: the scheduler shares each step between them (scheduler.py)."""
+    engine.scheduler.fair = True
+    return engine
+
+
 class RequestStream:
     """The events of one client request's engine requests, on the event loop."""
 
@@ -101,7 +107,7 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, rebuild: Callable[[], Engine] | None = None,
                  on_dead: Callable[[], None] | None = None) -> None:
-        self.engine = engine
+        self.engine = _serving(engine)
         self._rebuild = rebuild
         self.on_dead = on_dead  # called (on the engine thread) when the loop stops for good
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -229,10 +235,11 @@ class EngineLoop:
         except Exception:
             logger.exception("the engine could not be reset")
         if self._rebuild is not None:
-            self.engine = None  # type: ignore[assignment]  # the old one's memory goes before the new one loads
+            # The old engine's memory goes before the new one loads; meanwhile requests get 503.
+            self.engine = None  # type: ignore[assignment]
             gc.collect()
             try:
-                self.engine = self._rebuild()
+                self.engine = _serving(self._rebuild())
                 self.stats = self._collect_stats()
                 logger.warning("a new engine was built after the fault")
                 return True

@@ -49,12 +49,15 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a non-empty --api-key / FORKSERVE_API_KEY, or none at all")
-    engine = engine_loop.engine  # for set-up only: after a fault the loop may run a new one
+    # Set-up only: after a fault the loop may run a new engine, and no route may keep the old one alive.
+    engine = engine_loop.engine
+    root, max_model_len = engine.config.model, engine.max_model_len
     if tokenizer is None and engine.tokenizer is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(engine.config.tokenizer or engine.config.model,
                                                   trust_remote_code=False)
+    del engine
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -105,8 +108,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": started_at, "owned_by": "forkserve",
-             "root": engine_loop.engine.config.model, "parent": None,
-             "max_model_len": engine_loop.engine.max_model_len}
+             "root": root, "parent": None, "max_model_len": max_model_len}
             for name in served_model_names]}
 
     @app.get("/metrics", dependencies=guarded)
@@ -115,10 +117,14 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     async def generate(request: Request, kind: str) -> Response:
         body = await read_json(request, max_request_bytes)
+        current = engine_loop.engine
+        if current is None:
+            raise OpenAIError("the engine is being rebuilt after a fault; retry shortly", None, status=503,
+                              type="server_error", code="engine_restarting")
         try:
             parsed = parse_request(kind, body)
             check_model(parsed, served_model_names)
-            prompts = make_prompts(parsed, tokenizer, engine_loop.engine)
+            prompts = make_prompts(parsed, tokenizer, current)
         except OpenAIError:
             raise
         except Exception as err:  # a body the checks did not foresee: still this request's fault alone
@@ -372,4 +378,7 @@ def serve(engine_loop: EngineLoop, served_model_names: list[str], *, host: str =
                     max_request_bytes=max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower()))
     engine_loop.on_dead = lambda: setattr(server, "should_exit", True)  # no engine: end the process
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it caught again once it has shut down
+        pass
