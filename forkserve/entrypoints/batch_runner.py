@@ -118,10 +118,15 @@ def read_batch_input(path: str | Path) -> list[BatchLine]:
     Raises DuplicateCustomIds when a custom_id appears on more than one line.
     """
     lines: list[BatchLine] = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if raw.strip():
-                lines.append(_parse_line(line_no, raw.strip()))
+    try:
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if line_no == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark some editors write
+                if raw.strip():
+                    lines.append(_parse_line(line_no, raw.strip()))
+    except OSError as err:
+        raise ValueError(f"cannot read the input file {path}: {err.strerror or err}") from None
     seen: dict[str, list[int]] = {}
     for line in lines:
         lines_of_key = seen.setdefault(line.custom_id, [])
@@ -375,6 +380,8 @@ class BatchRunner:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputUnusable(f"cannot create the output directory {directory}: {err.strerror or err}") from None
+        if self.output_path.is_dir():
+            raise OutputUnusable(f"the output {self.output_path} is a directory: give a file")
         for path in (directory, self.output_path):
             if path.exists() and not os.access(path, os.W_OK):
                 raise OutputUnusable(f"cannot write results to {self.output_path}: {path} is not writable")

@@ -39,6 +39,7 @@ CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "
                                           "tools", "tool_choice"})
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat has no limit
+MAX_PROMPTS = 2048  # prompts in one completion body (OpenAI's limit for arrays of inputs)
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 _SAMPLING_ERROR = re.compile(r"^invalid SamplingParams: (\w+) ")
@@ -243,6 +244,8 @@ def _is_int(value: Any) -> bool:
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
     """OpenAI's prompt forms: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS and not all(_is_int(t) for t in prompt):
+        raise OpenAIError(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} go in one request", "prompt")
     if isinstance(prompt, str):
         return [_check_text(prompt, "prompt")]
     if isinstance(prompt, list) and prompt:

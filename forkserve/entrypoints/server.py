@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -58,6 +59,10 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
         tokenizer = AutoTokenizer.from_pretrained(engine.config.tokenizer or engine.config.model,
                                                   trust_remote_code=False)
     del engine
+    # Tokenizing (and rendering chat templates of) a large body takes a while: it runs off the
+    # event loop, so health checks and streams go on meanwhile, on one thread, since a fast
+    # tokenizer refuses to be used by two threads at once.
+    tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forkserve-tokenize")
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -67,6 +72,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
             yield
         finally:
             engine_loop.stop()
+            tokenize_thread.shutdown(wait=False)
 
     app = FastAPI(title="forkserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -124,7 +130,8 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
         try:
             parsed = parse_request(kind, body)
             check_model(parsed, served_model_names)
-            prompts = make_prompts(parsed, tokenizer, current)
+            prompts = await asyncio.get_running_loop().run_in_executor(tokenize_thread, make_prompts, parsed,
+                                                                       tokenizer, current)
         except OpenAIError:
             raise
         except Exception as err:  # a body the checks did not foresee: still this request's fault alone
