@@ -137,15 +137,23 @@ def test_changed_requests_are_rerun_and_superseded(model_dir: str, tmp_path: Pat
 
 
 def test_a_kill_before_compaction_leaves_the_later_record_counting(tmp_path: Path) -> None:
-    out = tmp_path / "out.jsonl"
+    """A run killed after re-running a changed request but before compacting: the later record
+    counts, and the next run (with nothing left to do) compacts."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(line("a", "x") + "\n" + line("b", "y") + "\n")
+    fingerprints = {r.custom_id: r.fingerprint for r in batch_runner.read_batch_input(inp)}
     old = {"id": "batch_req_1", "custom_id": "a", "response": None, "error": {"code": "x", "message": "old"},
-           "fingerprint": "1"}
-    other = {**old, "custom_id": "b"}
-    new = {**old, "id": "batch_req_2", "fingerprint": "2", "error": {"code": "x", "message": "new"}}
+           "fingerprint": "an older request"}
+    other = {**old, "custom_id": "b", "fingerprint": fingerprints["b"]}
+    new = {**old, "id": "batch_req_2", "fingerprint": fingerprints["a"], "error": {"code": "x", "message": "new"}}
     out.write_text("".join(json.dumps(r) + "\n" for r in (old, other, new)))
-    assert batch_runner.recover_output(out) == {"a": "2", "b": "1"}
-    assert compact_output(out) == 1
+    recovered = batch_runner.recover_output(out)
+    assert recovered.answered == {"a": fingerprints["a"], "b": fingerprints["b"]} and recovered.num_records == 3
+    with BatchRunner(inp, out) as runner:
+        assert runner.remaining == 0
+        runner.compact()
     assert records(out) == [other, new]
+    assert compact_output(out) == 0
 
 
 def test_empty_api_key_is_refused_at_start(model_dir: str, monkeypatch, capsys) -> None:

@@ -154,7 +154,7 @@ def test_torn_last_line_is_cut_and_redone(model_dir: str, tmp_path: Path) -> Non
     done = json.dumps({"id": "batch_req_0", "custom_id": "r1", "response": None,
                        "error": {"code": "x", "message": "kept as it was"}}) + "\n"
     out.write_text(done + '{"id": "batch_req_1", "custom_id": "r2", "respo')
-    assert recover_output(out) == {"r1": None}
+    assert recover_output(out).answered == {"r1": None}
     assert out.read_text() == done
     out.write_text(done + '{"id": "batch_req_1", "custom_id": "r2", "respo')
     assert run_cli(model_dir, inp, out) == 0

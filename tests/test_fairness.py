@@ -71,3 +71,26 @@ def test_round_robin_order_and_offline_scheduler_unchanged(model_dir) -> None:
     assert order[-1] is big.seqs[0]  # the sequence furthest ahead waits last
     engine.abort_request("big")
     engine.abort_request("small")
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_huge_reservation_does_not_lock_out_a_small_request(model_dir, fair: bool) -> None:
+    """n=8 samples of up to 400 tokens reserve ~3x the pool; a 2-token request arriving then is
+    admitted at once with fair sharing (its share of the pool is free), and only then."""
+    engine = Engine(EngineConfig.from_kwargs(model_dir, **{**ENGINE, "max_num_seqs": 8}, num_gpu_blocks_override=64,
+                                             max_model_len=512))
+    engine.scheduler.fair = fair
+    big = engine.add_request("big", engine.make_prompt("Once upon a time", "big"),
+                             SamplingParams(n=8, max_tokens=400, ignore_eos=True))
+    while len(big.seqs) < 8:
+        engine.step()
+    small = engine.add_request("small", engine.make_prompt("Hello there", "small"),
+                               SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert (small.seqs[0].num_computed_tokens > 0) == fair
+    if fair:
+        while not small.is_finished:
+            engine.step()
+        assert len(small.seqs[0].output_token_ids) == 2 and not big.is_finished
+    engine.abort_request("big")
+    engine.abort_request("small")

@@ -21,9 +21,10 @@ the planner's order): the step's rows go round-robin between requests, so one re
 many sequences (n=1024) takes one row in turn like any other, and within a request its
 sequences take turns fewest-tokens-first. A request with nothing running is admitted past the
 max_num_seqs seats (which then bound the step's rows, not the running set) while fewer than
-max_num_seqs requests run, and without the output-KV reservation check, which a huge request's
-reservation would otherwise fail for everyone behind it: when pages run out, preemption takes
-from the back of the round-robin order, the tail of the request with the most sequences.
+max_num_seqs requests run; its output-KV reservation check counts each request's need only up
+to an equal share of the pool (its own too), so a huge request's reservation (n=1024, long
+max_tokens) cannot lock the others out, nor theirs it. When pages run out, preemption takes from
+the back of the round-robin order: the tail of the request with the most sequences.
 """
 from __future__ import annotations
 
@@ -175,17 +176,29 @@ class Scheduler:
             if seq.kv is None and not self.planner.gate(seq):
                 self.waiting.remove(seq)  # parked until the prefix it shares is published
                 continue
-            n = self._start(seq, batch, budget, None)
+            committed, share = self._fair_shares() if self.reserve_output_kv and self.running else (None, None)
+            n = self._start(seq, batch, budget, committed, share)
             if n is None:
-                break  # no pages even for its next chunk: preemption makes room in later steps
+                break  # no room for its share yet: it stays first in line
             served.add(seq.request)
             budget -= n
         return budget
 
-    def _start(self, seq: Sequence, batch: list[ScheduledSeq], budget: int, committed: int | None) -> int | None:
+    def _fair_shares(self) -> tuple[int, int]:
+        """(pages the running requests may still need, each counted up to an equal share of the
+        pool; that share, for one more request)."""
+        need: dict[object, int] = {}
+        for running in self.running:
+            need[running.request] = need.get(running.request, 0) + self._pages_to_finish(running)
+        share = self.tree.pool.num_pages // (len(need) + 1)
+        return sum(min(pages, share) for pages in need.values()), share
+
+    def _start(self, seq: Sequence, batch: list[ScheduledSeq], budget: int, committed: int | None,
+               share: int | None = None) -> int | None:
         """Move seq from waiting to running for up to `budget` tokens this step, if it fits (with
-        `committed`, the pages the running sequences may still need, reserved beside its own);
-        the tokens scheduled, or None (it stays waiting, holding nothing)."""
+        `committed`, the pages the running sequences may still need, reserved beside its own, or
+        beside at most `share` of them); the tokens scheduled, or None (it stays waiting, holding
+        nothing)."""
         if seq.kv is None:
             # At least one token is always computed: its logits are needed to sample.
             seq.kv = self.tree.acquire(seq.token_ids[:-1])
@@ -197,7 +210,8 @@ class Scheduler:
         fits = n == remaining or self.enable_chunked_prefill
         if fits and committed is not None:
             room = self.tree.num_free_pages + self.tree.num_evictable_pages
-            fits = committed + self._pages_to_finish(seq) <= room
+            own = self._pages_to_finish(seq)
+            fits = committed + (own if share is None else min(own, share)) <= room
         if not fits or not self._reserve_to_admit(seq, seq.num_computed_tokens + n):
             self.tree.release(seq.kv)
             seq.kv = None

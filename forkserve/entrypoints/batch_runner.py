@@ -183,14 +183,23 @@ def _parse_line(line_no: int, raw: bytes) -> BatchLine:
     return line
 
 
-def recover_output(path: str | Path) -> dict[str, str | None]:
-    """custom_id -> fingerprint of the requests answered in an output file (a later record of a
-    custom_id supersedes an earlier one; None for records written before fingerprints); cuts a
-    torn last line off first."""
+@dataclass
+class RecoveredOutput:
+    """What an output file holds: custom_id -> fingerprint of each answered request (a later
+    record of a custom_id supersedes an earlier one; None for records written before
+    fingerprints), and how many records, superseded ones included."""
+
+    answered: dict[str, str | None] = field(default_factory=dict)
+    num_records: int = 0
+
+
+def recover_output(path: str | Path) -> RecoveredOutput:
+    """Read an output file's records; cuts a torn last line off first."""
     path = Path(path)
+    recovered = RecoveredOutput()
     if not path.exists():
-        return {}
-    answered: dict[str, str | None] = {}
+        return recovered
+    answered = recovered.answered
     complete = 0  # bytes up to the end of the last complete line
     with open(path, "r+b") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -202,6 +211,7 @@ def recover_output(path: str | Path) -> dict[str, str | None]:
             try:
                 record = json.loads(raw)
                 answered[record["custom_id"]] = record.get("fingerprint")
+                recovered.num_records += 1
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise ValueError(f"{path}: line {line_no} is not a batch result line; "
                                  "refusing to append to this file") from None
@@ -212,23 +222,33 @@ def recover_output(path: str | Path) -> dict[str, str | None]:
             f.truncate(complete)
             f.flush()
             os.fsync(f.fileno())
-    return answered
+    return recovered
 
 
 def compact_output(path: str | Path) -> int:
-    """Drop superseded records (all but the last of each custom_id), rewriting the file atomically;
-    returns how many were dropped. Records keep their order."""
+    """Drop superseded records (all but the last of each custom_id), rewriting the file atomically
+    line by line (outputs with logprobs can be larger than memory); returns how many were dropped.
+    Records keep their order."""
     path = Path(path)
     if not path.exists():
         return 0
-    raw_lines = [raw for raw in path.read_bytes().splitlines(keepends=True) if raw.strip()]
-    last = {json.loads(raw)["custom_id"]: i for i, raw in enumerate(raw_lines)}
-    dropped = len(raw_lines) - len(last)
+
+    def custom_ids():
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    yield raw, json.loads(raw)["custom_id"]
+
+    last: dict[str, int] = {}
+    for i, (_, custom_id) in enumerate(custom_ids()):
+        last[custom_id] = i
+    dropped = sum(1 for _ in custom_ids()) - len(last)
     if dropped:
-        kept = b"".join(raw for i, raw in enumerate(raw_lines) if last[json.loads(raw)["custom_id"]] == i)
         temporary = path.with_name(path.name + ".compacting")
         with open(temporary, "wb") as f:
-            f.write(kept)
+            for i, (raw, custom_id) in enumerate(custom_ids()):
+                if last[custom_id] == i:
+                    f.write(raw)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -347,10 +367,12 @@ class BatchRunner:
         self.lock = OutputLock(self.output_path)
         try:
             self.lines = read_batch_input(self.input_path)
-            answered = recover_output(self.output_path)
+            recovered = recover_output(self.output_path)
+            answered = recovered.answered
             self.todo = [line for line in self.lines if line.custom_id not in answered
                          or answered[line.custom_id] not in (None, line.fingerprint)]
             self.rerun = sum(1 for line in self.todo if line.custom_id in answered)
+            self._superseded = recovered.num_records > len(answered)  # an earlier run ended before compacting
             self.skipped = len(self.lines) - len(self.todo)
             stray = answered.keys() - {line.custom_id for line in self.lines}
             if stray:
@@ -396,7 +418,10 @@ class BatchRunner:
                                  f"requests need about {needed / 2**20:.1f} MiB: free some space first")
 
     def compact(self) -> None:
-        """Drop records superseded by a re-run (see the module's docstring)."""
+        """Drop records superseded by a re-run (see the module's docstring); only reads the output
+        when some may be there."""
+        if not (self.rerun or self._superseded):
+            return
         try:
             dropped = compact_output(self.output_path)
         except OSError as err:

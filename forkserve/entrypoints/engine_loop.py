@@ -41,6 +41,11 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 _RATE_WINDOW_S = 10.0
+# A streaming request's snapshot (Engine.peek_output) decodes all of its samples' text so far:
+# for n=1024 and long outputs that is seconds. After a snapshot that took d seconds, the next
+# one for that request waits SNAPSHOT_WAIT_FACTOR * d, so snapshots take at most 1/(1 + factor)
+# of the engine thread and cannot hold back the other requests' steps.
+SNAPSHOT_WAIT_FACTOR = 4.0
 
 
 @dataclass
@@ -124,6 +129,7 @@ class EngineLoop:
         self._subscribers: dict[str, bool] = {}  # request id -> wants progress events
         self._not_started: set[str] = set()
         self._last_tokens: dict[str, int] = {}
+        self._next_snapshot: dict[str, float] = {}  # streaming request id -> earliest next snapshot
         self._generated = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
@@ -229,6 +235,7 @@ class EngineLoop:
         self._subscribers.clear()
         self._not_started.clear()
         self._last_tokens.clear()
+        self._next_snapshot.clear()
         try:
             reset_engine(self.engine)
             return True
@@ -284,10 +291,12 @@ class EngineLoop:
                 self.engine.abort_request(request_id)
                 self._not_started.discard(request_id)
                 self._last_tokens.pop(request_id, None)
+                self._next_snapshot.pop(request_id, None)
 
     def _finish(self, output: RequestOutput, events: list[StreamEvent]) -> None:
         request_id = output.request_id
         self._generated += sum(len(c.token_ids) for c in output.outputs) - self._last_tokens.pop(request_id, 0)
+        self._next_snapshot.pop(request_id, None)
         self._prompt_tokens += len(output.prompt_token_ids)
         self._cached_tokens += output.num_cached_tokens
         self._not_started.discard(request_id)
@@ -307,8 +316,11 @@ class EngineLoop:
             if tokens != self._last_tokens[request_id]:
                 self._generated += tokens - self._last_tokens[request_id]
                 self._last_tokens[request_id] = tokens
-                if stream:
+                if stream and time.monotonic() >= self._next_snapshot.get(request_id, 0.0):
+                    start = time.monotonic()
                     events.append(StreamEvent("progress", request_id, self.engine.peek_output(request_id)))
+                    end = time.monotonic()
+                    self._next_snapshot[request_id] = end + SNAPSHOT_WAIT_FACTOR * (end - start)
 
     def _collect_stats(self) -> dict[str, float]:
         engine = self.engine
