@@ -4,6 +4,7 @@ request that makes the engine fail by re-running halves, and answers every other
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from forkserve.engine.engine import Engine  # noqa: E402
 from forkserve.entrypoints.batch_runner import BatchRunner, EngineKeepsFailing  # noqa: E402
 from forkserve.entrypoints.engine_loop import EngineLoop  # noqa: E402
 from forkserve.entrypoints.server import build_app  # noqa: E402
-from test_server import ServerThread, metrics  # noqa: E402
+from test_server import ServerThread  # noqa: E402
 
 ENGINE = dict(device="cpu", dtype="float32", max_num_seqs=4, num_gpu_blocks_override=256)
 BODY = {"prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0}
@@ -93,7 +94,11 @@ def test_server_builds_a_new_engine_when_the_reset_fails(model_dir) -> None:
         url = f"{server.url}/v1/completions"
         faults["left"] = 1
         assert httpx.post(url, json=BODY, timeout=60).status_code == 500
-        assert httpx.post(url, json=BODY, timeout=60).status_code == 200
+        deadline = time.monotonic() + 60
+        while (r := httpx.post(url, json=BODY, timeout=60)).status_code == 503:  # while the new engine loads
+            assert r.json()["error"]["code"] == "engine_restarting" and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.status_code == 200
         assert loop.engine is built[0] and loop.engine.scheduler.fair
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 

@@ -6,7 +6,6 @@ refused, no 5xx, no engine fault, and every valid request or line answered exact
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
