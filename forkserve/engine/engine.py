@@ -32,7 +32,7 @@ from forkserve.outputs import CompletionOutput, Logprob, RequestMetrics, Request
 from forkserve.runner import PLACEHOLDER, LaunchedStep, ModelRunner
 from forkserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from forkserve.sampler import Sampler, SamplerOutput, SamplingRow, TokenBitmask
-from forkserve.sampling_params import ALL_LOGPROBS, SamplingParams
+from forkserve.sampling_params import ALL_LOGPROBS, SamplingParams, is_valid_text
 from forkserve.structured.grammars import Grammars
 from forkserve.structured.matcher import GrammarState
 
@@ -181,6 +181,8 @@ class Engine:
                 raise ValueError(f"{label}: text prompts need a tokenizer (skip_tokenizer_init is set)")
             if not prompt:
                 raise ValueError(f"{label}: prompt is empty")
+            if not is_valid_text(prompt):
+                raise ValueError(f"{label}: prompt is not valid Unicode (it holds a lone surrogate)")
             return self._check_tokens(self.tokenizer(prompt).input_ids, label, prompt, truncate_prompt_tokens)
         if isinstance(prompt, dict):
             _check_prompt_keys(prompt, label)
