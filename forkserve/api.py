@@ -14,7 +14,7 @@ from forkserve.engine.summary import batch_summary, describe
 from forkserve.gc_switches import gc_frozen_for_batch, gc_off_while_planning
 from forkserve.metrics import Metric, engine_metrics
 from forkserve.outputs import BeamSearchOutput, RequestOutput
-from forkserve.sampling_params import BeamSearchParams, SamplingParams
+from forkserve.sampling_params import BeamSearchParams, SamplingParams, is_valid_text
 from forkserve.search.beam import beam_search
 from forkserve.search.tree import Node, TreeSearch
 
@@ -102,6 +102,11 @@ class LLM:
             inputs = []
             for i, conversation in enumerate(conversations):
                 label = f"conversation {i}"
+                if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                               for m in conversation):
+                    raise ValueError(f"{label}: messages must be a non-empty list of {{'role', 'content'}} dicts")
+                if any(isinstance(v, str) and not is_valid_text(v) for m in conversation for v in m.values()):
+                    raise ValueError(f"{label}: a message holds text that is not valid Unicode (a lone surrogate)")
                 text = render_chat(tokenizer, conversation, label, chat_template=chat_template,
                                    add_generation_prompt=add_generation_prompt,
                                    continue_final_message=continue_final_message,

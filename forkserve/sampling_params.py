@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +23,36 @@ class RequestOutputKind(enum.Enum):
     DELTA = 1
     FINAL_ONLY = 2
 
+# What the sampler's tensors hold: integers go into int64 tensors, floats into float32 ones.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# Beyond these a repetition penalty only drives a seen token's logit to 0 or to overflow.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 3, 8, 8, 8
+_SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 80, 40, 80
+
+
+def shown(value: Any) -> str:
+    """A bounded repr for error messages: a poison value may be huge or deeply nested."""
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # an int past Python's str conversion limit (4,300 digits)
+        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else f"<{type(value).__name__}>"
+
 
 def _fail(name: str, why: str, value: Any) -> ValueError:
-    return ValueError(f"invalid SamplingParams: {name} {why}, got {value!r}")
+    return ValueError(f"invalid SamplingParams: {name} {why}, got {shown(value)}")
+
+
+def is_valid_text(text: str) -> bool:
+    """A str that is valid Unicode: no lone surrogates (JSON's \\ud800 escapes), which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(value: Any) -> bool:
@@ -121,14 +150,23 @@ class SamplingParams:
             if type(value) is not float:
                 if not _is_number(value):
                     raise _fail(name, "must be a number", value)
-                values[name] = float(value)
+                try:
+                    value = values[name] = float(value)
+                except OverflowError:
+                    raise _fail(name, "must be a finite number", value) from None
+            if not (math.isfinite(value) and -FLOAT32_MAX <= value <= FLOAT32_MAX):
+                raise _fail(name, "must be a finite number", value)
         for name in _INT_FIELDS:
             if type(values[name]) is not int and not _is_int(values[name]):
                 raise _fail(name, "must be an integer", values[name])
+            if not INT64_MIN <= values[name] <= INT64_MAX:
+                raise _fail(name, "must fit in 64 bits", values[name])
         for name in _OPTIONAL_INT_FIELDS:
             value = values[name]
             if value is not None and type(value) is not int and not _is_int(value):
                 raise _fail(name, "must be an integer or None", value)
+            if value is not None and not INT64_MIN <= value <= INT64_MAX:
+                raise _fail(name, "must fit in 64 bits (a signed 64-bit integer)", value)
         for name in _BOOL_FIELDS:
             if type(values[name]) is not bool:
                 raise _fail(name, "must be true or false", values[name])
@@ -147,8 +185,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise _fail(name, "must be in [-2, 2]", getattr(self, name))
-        if self.repetition_penalty <= 0:
-            raise _fail("repetition_penalty", "must be positive", self.repetition_penalty)
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise _fail("repetition_penalty", f"must be in [{low:g}, {high:g}]", self.repetition_penalty)
         if self.max_tokens is not None and self.max_tokens < 1:
             raise _fail("max_tokens", "must be at least 1", self.max_tokens)
         if self.min_tokens < 0:
@@ -165,7 +204,7 @@ class SamplingParams:
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, (list, tuple)) or \
-                not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+                not all(_is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise _fail("stop_token_ids", "must be a list of non-negative token ids", self.stop_token_ids)
         self.stop_token_ids = list(self.stop_token_ids)
         self._validate_token_controls()
@@ -221,6 +260,8 @@ class SamplingParams:
             raise _fail("stop", "must be a string or a list of strings", stop)
         if any(s == "" for s in stops):
             raise _fail("stop", "must not contain an empty string", stop)
+        if not all(is_valid_text(s) for s in stops):
+            raise _fail("stop", "must be valid Unicode (no lone surrogates)", stop)
         return list(stops)
 
 
@@ -267,8 +308,9 @@ class BeamSearchParams:
             if not _is_int(value) or value < 1:
                 raise ValueError(f"invalid BeamSearchParams: {name} must be an integer of at least 1, got {value!r}")
         for name in ("temperature", "length_penalty"):
-            if not _is_number(getattr(self, name)):
-                raise ValueError(f"invalid BeamSearchParams: {name} must be a number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise ValueError(f"invalid BeamSearchParams: {name} must be a finite number, got {shown(value)}")
         if self.temperature < 0:
             raise ValueError(f"invalid BeamSearchParams: temperature must be non-negative, got {self.temperature!r}")
         for name in ("ignore_eos", "include_stop_str_in_output"):

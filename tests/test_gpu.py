@@ -411,3 +411,47 @@ def test_structured_outputs_on_the_gpu(tiny_model_factory) -> None:
                     if p.structured_outputs is not None:
                         assert completion.finish_reason == "stop", completion.text
                         check_output(p.structured_outputs, grammar_text(llm, completion.token_ids))
+
+
+def test_extreme_valid_params_run_on_the_gpu(tiny_model_factory) -> None:
+    """Issue 24: the largest values validation lets through (int64 top_k and seeds, the
+    repetition-penalty range's ends, a huge temperature, logprobs 20) fit the GPU sampler's tensors."""
+    llm = LLM(str(tiny_model_factory("llama")), device="cuda", num_gpu_blocks_override=256)
+    params = [SamplingParams(top_k=2 ** 63 - 1, seed=-(2 ** 63), max_tokens=4, ignore_eos=True),
+              SamplingParams(repetition_penalty=1e-6, seed=1, max_tokens=4, ignore_eos=True),
+              SamplingParams(repetition_penalty=1e6, temperature=1e30, max_tokens=4, ignore_eos=True),
+              SamplingParams(n=3, seed=2 ** 63 - 1, logprobs=20, min_tokens=2, stop_token_ids=[1], max_tokens=4)]
+    outputs = llm.generate(["Hello there"] * len(params), params, use_tqdm=False)
+    for output in outputs:
+        for completion in output.outputs:
+            assert 2 <= len(completion.token_ids) <= 4
+    assert all(abs(lp.logprob) < 1e4 for c in outputs[3].outputs for entry in c.logprobs for lp in entry.values())
+
+
+def test_engine_rebuild_frees_the_old_engines_gpu_memory(tiny_model_factory) -> None:
+    """A server whose engine cannot be reset after a fault builds a new one; the old one's
+    memory (its KV pool) is given back first, so the two never coexist."""
+    from forkserve.config import EngineConfig
+    from forkserve.engine.engine import Engine
+    from forkserve.entrypoints.engine_loop import EngineLoop
+
+    config = EngineConfig.from_kwargs(str(tiny_model_factory("llama")), device="cuda", num_gpu_blocks_override=4096)
+    engine = Engine(config)
+    in_use = torch.cuda.memory_allocated()
+    peaks = []
+
+    def rebuild() -> Engine:
+        peaks.append(torch.cuda.memory_allocated())
+        return Engine(config)
+
+    loop = EngineLoop(engine, rebuild=rebuild)
+    engine.abort_request = lambda request_id: (_ for _ in ()).throw(RuntimeError("state lost"))
+    engine.requests["stuck"] = None  # something for the broken reset to fail on
+    del engine
+    assert loop._recover(RuntimeError("simulated device failure"))
+    assert peaks[0] < in_use / 2  # the old pool was freed before the new engine was built
+    assert loop.engine.scheduler.fair and loop.error is None
+    out = loop.engine
+    out.add_request("r", out.make_prompt("Hello", "r"), SamplingParams(max_tokens=2))
+    while out.has_unfinished_requests():
+        out.step()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from forkserve.sampling_params import ALL_LOGPROBS, SamplingParams
+from forkserve.sampling_params import ALL_LOGPROBS, SamplingParams, is_valid_text
 from forkserve.structured.params import StructuredOutputsParams
 
 
@@ -44,6 +44,8 @@ class InputProcessor:
                 raise ValueError(f"{label}: text prompts need a tokenizer (skip_tokenizer_init is set)")
             if not prompt:
                 raise ValueError(f"{label}: prompt is empty")
+            if not is_valid_text(prompt):
+                raise ValueError(f"{label}: prompt is not valid Unicode (it holds a lone surrogate)")
             return self._check_tokens(self.tokenizer(prompt).input_ids, label, prompt, truncate_prompt_tokens)
         if isinstance(prompt, dict):
             _check_prompt_keys(prompt, label)

@@ -15,6 +15,16 @@ but only when there is nothing left to preempt, or nothing runs and the head of 
 be admitted: pins never deadlock a small pool, and otherwise outlast LRU. Last, the newest
 running sequence is preempted: its KV is released (full pages stay in the tree as cache) and it
 is recomputed later from its tokens, so nothing is lost and its output does not change.
+
+Fair sharing (`fair`, set by the server, where requests arrive over time; a planned batch keeps
+the planner's order): the step's rows go round-robin between requests, so one request with
+many sequences (n=1024) takes one row in turn like any other, and within a request its
+sequences take turns fewest-tokens-first. A request with nothing running is admitted past the
+max_num_seqs seats (which then bound the step's rows, not the running set) while fewer than
+max_num_seqs requests run; its output-KV reservation check counts each request's need only up
+to an equal share of the pool (its own too), so a huge request's reservation (n=1024, long
+max_tokens) cannot lock the others out, nor theirs it. When pages run out, preemption takes from
+the back of the round-robin order: the tail of the request with the most sequences.
 """
 from __future__ import annotations
 
@@ -53,6 +63,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[Sequence, None] = {}  # finished sequences keeping their KV, oldest first
+        self.fair = False  # share each step's rows between requests (see the module's docstring)
         self.num_preemptions = 0
         self.num_steps = 0
 
@@ -79,6 +90,8 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         self.num_steps += 1
+        if self.fair and len(self.running) > 1:
+            self.running = _round_robin(self.running)
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         preempted = False
@@ -136,6 +149,8 @@ class Scheduler:
         return max(0, -(-final // page) - held) + forks
 
     def _admit(self, batch: list[ScheduledSeq], budget: int) -> None:
+        if self.fair:
+            budget = self._admit_unserved(batch, budget)
         committed: int | None = None  # pages the running sequences may still need, counted when first needed
         # Members parked on a prefix being computed hold seats: they run as soon as it is published.
         # So a new group starts only where its members fit beside them, and whole groups run together
@@ -143,37 +158,81 @@ class Scheduler:
         while self.waiting and budget > 0 and \
                 len(self.running) + (self.planner.num_parked if self.running else 0) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.kv is None:
-                if not self.planner.gate(seq):
-                    self.waiting.popleft()  # parked until the prefix it shares is published
-                    continue
-                # At least one token is always computed: its logits are needed to sample. Prompt
-                # logprobs need every prompt position's logits, so such a prompt skips the cache (as in vLLM).
-                seq.kv = self.tree.acquire(seq.token_ids[:-1] if not seq.request.wants_prompt_logprobs else [])
-                seq.num_computed_tokens = seq.kv.prefix_len
-                if seq.request.num_cached_tokens is None:
-                    seq.request.num_cached_tokens = seq.kv.num_cached_tokens
-            remaining = len(seq.token_ids) - seq.num_computed_tokens
-            n = min(remaining, budget)
-            fits = n == remaining or self.enable_chunked_prefill
-            if fits and self.reserve_output_kv and self.running:
-                if committed is None:
-                    committed = sum(self._pages_to_finish(s) for s in self.running)
-                room = self.tree.num_free_pages + self.tree.num_evictable_pages
-                fits = committed + self._pages_to_finish(seq) <= room
-            if not fits or not self._reserve_to_admit(seq, seq.num_computed_tokens + n):
-                self.tree.release(seq.kv)
-                seq.kv = None
-                seq.num_computed_tokens = 0
+            if seq.kv is None and not self.planner.gate(seq):
+                self.waiting.popleft()  # parked until the prefix it shares is published
+                continue
+            if committed is None and self.reserve_output_kv and self.running:
+                committed = sum(self._pages_to_finish(s) for s in self.running)
+            n = self._start(seq, batch, budget, committed)
+            if n is None:
                 return
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            self.planner.admitted(seq)
             if committed is not None:
                 committed += self._pages_to_finish(seq)
-            batch.append(ScheduledSeq(seq, n))
             budget -= n
+
+    def _admit_unserved(self, batch: list[ScheduledSeq], budget: int) -> int:
+        """Fair sharing: admit waiting sequences of requests with nothing running, past the seats
+        (while fewer than max_num_seqs requests run); returns the budget left."""
+        served = {seq.request for seq in self.running}
+        for seq in list(self.waiting):
+            if budget <= 0 or len(served) >= self.max_num_seqs:
+                break
+            if seq.request in served:
+                continue
+            if seq.kv is None and not self.planner.gate(seq):
+                self.waiting.remove(seq)  # parked until the prefix it shares is published
+                continue
+            committed, share = self._fair_shares() if self.reserve_output_kv and self.running else (None, None)
+            n = self._start(seq, batch, budget, committed, share)
+            if n is None:
+                break  # no room for its share yet: it stays first in line
+            served.add(seq.request)
+            budget -= n
+        return budget
+
+    def _fair_shares(self) -> tuple[int, int]:
+        """(pages the running requests may still need, each counted up to an equal share of the
+        pool; that share, for one more request)."""
+        need: dict[object, int] = {}
+        for running in self.running:
+            need[running.request] = need.get(running.request, 0) + self._pages_to_finish(running)
+        share = self.tree.pool.num_pages // (len(need) + 1)
+        return sum(min(pages, share) for pages in need.values()), share
+
+    def _start(self, seq: Sequence, batch: list[ScheduledSeq], budget: int, committed: int | None,
+               share: int | None = None) -> int | None:
+        """Move seq from waiting to running for up to `budget` tokens this step, if it fits (with
+        `committed`, the pages the running sequences may still need, reserved beside its own, or
+        beside at most `share` of them); the tokens scheduled, or None (it stays waiting, holding
+        nothing)."""
+        if seq.kv is None:
+            # At least one token is always computed: its logits are needed to sample. Prompt
+            # logprobs need every prompt position's logits, so such a prompt skips the cache (as in vLLM).
+            seq.kv = self.tree.acquire(seq.token_ids[:-1] if not seq.request.wants_prompt_logprobs else [])
+            seq.num_computed_tokens = seq.kv.prefix_len
+            if seq.request.num_cached_tokens is None:
+                seq.request.num_cached_tokens = seq.kv.num_cached_tokens
+        remaining = len(seq.token_ids) - seq.num_computed_tokens
+        n = min(remaining, budget)
+        fits = n == remaining or self.enable_chunked_prefill
+        if fits and committed is not None:
+            room = self.tree.num_free_pages + self.tree.num_evictable_pages
+            own = self._pages_to_finish(seq)
+            fits = committed + (own if share is None else min(own, share)) <= room
+        if not fits or not self._reserve_to_admit(seq, seq.num_computed_tokens + n):
+            self.tree.release(seq.kv)
+            seq.kv = None
+            seq.num_computed_tokens = 0
+            return None
+        if self.waiting[0] is seq:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.planner.admitted(seq)
+        batch.append(ScheduledSeq(seq, n))
+        return n
 
     def _requeue(self, seqs: list[Sequence]) -> None:
         """Put woken sequences at the front of the waiting queue, keeping their order."""
@@ -248,3 +307,18 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+
+
+def _round_robin(running: list[Sequence]) -> list[Sequence]:
+    """Running sequences in turns between requests: each request's first, then each one's second...
+    (requests in the order they first appear); within a request, fewest tokens first, so that its
+    sequences take turns."""
+    order: dict[object, list[Sequence]] = {}
+    for seq in running:
+        order.setdefault(seq.request, []).append(seq)
+    ranked = []
+    for position, seqs in enumerate(order.values()):
+        seqs.sort(key=lambda s: (len(s.token_ids), s.index))
+        ranked += [(rank, position, seq) for rank, seq in enumerate(seqs)]
+    ranked.sort(key=lambda item: (item[0], item[1]))
+    return [seq for _, _, seq in ranked]

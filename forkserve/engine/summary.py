@@ -14,15 +14,16 @@ def batch_summary(before: dict[str, int | float], after: dict[str, int | float],
     """Counters over the batch, plus `prefix_reuse`: the share of prompt tokens not computed.
 
     With the engine's pages-in-use series (`Engine.pages_in_use_series`), peak_pages_in_use is the
-    batch's own peak (over its steps) rather than the engine's since start. prefix_reuse can go
-    below 0 when preemption recomputes more than the prefix tree saved.
+    batch's own peak (over its steps) rather than the engine's since start. prefix_reuse is floored
+    at 0: when preemption recomputes more than the prefix tree saved, prefill_tokens_computed
+    against unique_prompt_tokens shows that cost.
     """
     out = {k: v if k in LEVELS else v - before.get(k, 0) for k, v in after.items()}
     steps = int(out.get("steps", 0))
     if 0 < steps <= len(pages_series):
         out["peak_pages_in_use"] = max(list(pages_series)[-steps:])
     prompt = out.get("prompt_tokens", 0)
-    out["prefix_reuse"] = round(1 - out.get("prefill_tokens_computed", 0) / prompt, 4) if prompt else 0.0
+    out["prefix_reuse"] = max(0.0, round(1 - out.get("prefill_tokens_computed", 0) / prompt, 4)) if prompt else 0.0
     return out
 
 

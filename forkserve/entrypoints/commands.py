@@ -43,25 +43,34 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
     """Exit status 1 when no line of the input has succeeded (this run or before), else 0."""
-    from forkserve.entrypoints.batch_runner import BatchRunner
+    from forkserve.entrypoints.batch_runner import BatchRunner, EngineKeepsFailing
+    from forkserve.entrypoints.recovery import EngineUnrecoverable
 
-    runner = BatchRunner(args.input, args.output, retry_failed=args.retry_failed)  # refuses duplicate custom_ids
-    failed_hint = (f"; {runner.failed_before} of them failed (rerun with --retry-failed to run those again)"
-                   if runner.failed_before else "")
-    if runner.retried:
-        logger.info("run-batch: retrying %d failed requests", runner.retried)
-    if runner.remaining == 0:
-        logger.info("run-batch: all %d requests of %s are already answered in %s%s", len(runner.lines), args.input,
-                    args.output, failed_hint)
-    else:
-        if runner.skipped:
-            logger.info("run-batch: resuming: %d of %d requests already answered in %s%s", runner.skipped,
-                        len(runner.lines), args.output, failed_hint)
-        runner.run(_build_engine(args), _served_names(args), use_tqdm=not args.no_progress)
-    if runner.lines and not runner.any_succeeded():
-        logger.error("run-batch: no request of %s succeeded: see the errors in %s, fix their cause, then rerun "
-                     "with --retry-failed", args.input, args.output)
-        return 1
+    # Before the model loads: duplicate custom_ids, another runner on the output, an output
+    # directory that is read-only or full are all refused here.
+    with BatchRunner(args.input, args.output, retry_failed=args.retry_failed) as runner:
+        failed_hint = (f"; {runner.failed_before} of them failed (rerun with --retry-failed to run those again)"
+                       if runner.failed_before else "")
+        if runner.retried:
+            logger.info("run-batch: retrying %d failed requests", runner.retried)
+        if runner.remaining == 0:
+            runner.compact()
+            logger.info("run-batch: all %d requests of %s are already answered in %s%s", len(runner.lines),
+                        args.input, args.output, failed_hint)
+        else:
+            if runner.skipped or runner.rerun:
+                logger.info("run-batch: resuming: %d of %d requests already answered in %s%s, %d changed since "
+                            "and run again", runner.skipped, len(runner.lines), args.output, failed_hint,
+                            runner.rerun)
+            try:
+                runner.run(_build_engine(args), _served_names(args), use_tqdm=not args.no_progress)
+            except (EngineKeepsFailing, EngineUnrecoverable) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+        if runner.lines and not runner.any_succeeded():
+            logger.error("run-batch: no request of %s succeeded: see the errors in %s, fix their cause, then rerun "
+                         "with --retry-failed", args.input, args.output)
+            return 1
     return 0
 
 
@@ -109,15 +118,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.max_waiting < 1 or args.max_request_bytes < 1:
         raise ValueError("--max-waiting and --max-request-bytes must be positive")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("the API key is empty (--api-key or FORKSERVE_API_KEY): give a key, or unset it to "
+                         "serve without one")
     if args.api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     from forkserve.chat import load_chat_template
 
-    serve(EngineLoop(_build_engine(args)), _served_names(args), host=args.host, port=args.port,
+    engine_loop = EngineLoop(_build_engine(args), rebuild=lambda: _build_engine(args))
+    serve(engine_loop, _served_names(args), host=args.host, port=args.port,
           api_key=args.api_key, max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
           log_level=args.uvicorn_log_level or logging.getLevelName(logging.getLogger().level),
           chat_template=load_chat_template(args.chat_template), response_role=args.response_role,
           access_log=not args.disable_log_requests)
+    if engine_loop.error is not None:
+        print(f"error: {engine_loop.error}", file=sys.stderr)
+        return 1
     return 0
 
 

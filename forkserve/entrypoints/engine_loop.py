@@ -9,7 +9,12 @@ to the event loop (`call_soon_threadsafe`), one batch per step:
 - `started`: the request has a sequence in the running batch (it no longer counts as waiting);
 - `progress`: for streaming requests, a snapshot (`Engine.peek_output`) when tokens were added;
 - `final`: the finished `RequestOutput`;
-- `error`: the request could not run, or the engine failed (the loop then stops; `alive` is False).
+- `error`: the request could not run (status 400), or a step failed (status 500).
+
+A step that raises is an engine fault: every unfinished request gets an `error` event, the
+engine is reset (`recovery.reset_engine`), or rebuilt with `rebuild` when the reset fails, and
+the loop goes on serving. Only when no engine can be had does the loop stop (`alive` False);
+`on_dead` is then called so that the process can exit rather than live on without an engine.
 
 Each HTTP request gets a `RequestStream`; closing it (or its handler ending early) aborts every
 engine request of it that has not finished, which frees their KV pages.
@@ -17,16 +22,18 @@ engine request of it that has not finished, which frees their KV pages.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from forkserve.engine.engine import Engine, PromptInput
 from forkserve.metrics import engine_metrics
+from forkserve.entrypoints.recovery import reset_engine
 from forkserve.outputs import RequestOutput
 from forkserve.sampling_params import BeamSearchParams, SamplingParams
 from forkserve.search.beam import BeamGroup
@@ -35,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 _RATE_WINDOW_S = 10.0
+# A streaming request's snapshot (Engine.peek_output) decodes all of its samples' text so far:
+# for n=1024 and long outputs that is seconds. After a snapshot that took d seconds, the next
+# one for that request waits SNAPSHOT_WAIT_FACTOR * d, so snapshots take at most 1/(1 + factor)
+# of the engine thread and cannot hold back the other requests' steps.
+SNAPSHOT_WAIT_FACTOR = 4.0
 
 
 @dataclass
@@ -43,10 +55,17 @@ class StreamEvent:
     request_id: str
     output: RequestOutput | None = None
     message: str | None = None
+    status: int = 500  # of an error: 400 for a request the engine refused, 500 for an engine fault
 
 
 class EngineDead(RuntimeError):
-    """The engine thread stopped after an error; no request can run."""
+    """The engine thread stopped and no engine could be rebuilt; no request can run."""
+
+
+def _serving(engine: Engine) -> Engine:
+    """Requests arrive over time here: the scheduler shares each step between them (scheduler.py)."""
+    engine.scheduler.fair = True
+    return engine
 
 
 class RequestStream:
@@ -92,12 +111,17 @@ class RequestStream:
 class EngineLoop:
     """Runs `engine` on its own thread; every public method is called from the event loop."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, rebuild: Callable[[], Engine] | None = None,
+                 on_dead: Callable[[], None] | None = None) -> None:
+        self.engine = _serving(engine)
+        self._rebuild = rebuild
+        self.on_dead = on_dead  # called (on the engine thread) when the loop stops for good
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # why the loop stopped for good
+        self.faults = 0  # engine faults recovered from
+        self.last_fault: str | None = None
         # event-loop side
         self._streams: dict[str, RequestStream] = {}
         self.num_waiting = 0  # submitted engine requests with no sequence scheduled yet
@@ -106,6 +130,7 @@ class EngineLoop:
         self._subscribers: dict[str, bool] = {}  # request id -> wants progress events
         self._not_started: set[str] = set()
         self._last_tokens: dict[str, int] = {}
+        self._next_snapshot: dict[str, float] = {}  # streaming request id -> earliest next snapshot
         self._generated = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
@@ -181,30 +206,64 @@ class EngineLoop:
                 pass
 
     def _run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                commands = self._next_commands(block=not engine.has_unfinished_requests() and not self._beams)
+        while True:
+            events: list[StreamEvent] = []
+            try:
+                commands = self._next_commands(block=not self.engine.has_unfinished_requests() and not self._beams)
                 if any(c is _STOP for c in commands):
                     return
-                events: list[StreamEvent] = []
-                for command in commands:
-                    self._apply(command, events)
-                if any(command[0] == "add" for command in commands):
-                    engine.prioritize_cached()  # arrivals: longest cached prefix first, with ageing
-                started: list[str] = []
-                if engine.has_unfinished_requests() or self._beams:
-                    for output in engine.step():
-                        self._finish(output, events)
-                    self._advance_beams(events)
-                    self._scan(started, events)
+                self._iterate(commands, events)
+            except Exception as err:  # an engine fault: its state is unknown part-way through a step
+                self._post([], events)  # what was decided before the fault still holds
+                if not self._recover(err):
+                    return
+
+    def _iterate(self, commands: list[Any], events: list[StreamEvent]) -> None:
+        engine = self.engine
+        for command in commands:
+            self._apply(command, events)
+        if any(command[0] == "add" for command in commands):
+            engine.prioritize_cached()  # arrivals: longest cached prefix first, with ageing
+        started: list[str] = []
+        if engine.has_unfinished_requests() or self._beams:
+            for output in engine.step():
+                self._finish(output, events)
+            self._advance_beams(events)
+            self._scan(started, events)
+        self.stats = self._collect_stats()
+        self._post(started, events)
+
+    def _recover(self, err: Exception) -> bool:
+        """Fail every unfinished request, then reset the engine (or build a new one); False if neither worked."""
+        logger.exception("engine fault: every unfinished request fails; the engine is reset")
+        self.faults += 1
+        self.last_fault = f"the engine failed: {type(err).__name__}: {err}"
+        self._post([], [StreamEvent("error", rid, message=self.last_fault) for rid in self._subscribers])
+        self._subscribers.clear()
+        self._not_started.clear()
+        self._last_tokens.clear()
+        self._next_snapshot.clear()
+        self._beams.clear()  # their sequences belonged to the failed engine
+        try:
+            reset_engine(self.engine)
+            return True
+        except Exception:
+            logger.exception("the engine could not be reset")
+        if self._rebuild is not None:
+            # The old engine's memory goes before the new one loads; meanwhile requests get 503.
+            self.engine = None  # type: ignore[assignment]
+            gc.collect()
+            try:
+                self.engine = _serving(self._rebuild())
                 self.stats = self._collect_stats()
-                self._post(started, events)
-        except Exception as err:  # the engine's state is unknown now: fail everything, stop
-            logger.exception("the engine failed; the server stops taking requests")
-            self.error = f"the engine failed: {type(err).__name__}: {err}"
-            self._post([], [StreamEvent("error", rid, message=self.error) for rid in self._subscribers])
-            self._subscribers.clear()
+                logger.warning("a new engine was built after the fault")
+                return True
+            except Exception:
+                logger.exception("no new engine could be built")
+        self.error = f"{self.last_fault}; the engine could not be reset or rebuilt"
+        if self.on_dead is not None:
+            self.on_dead()
+        return False
 
     def _next_commands(self, block: bool) -> list[Any]:
         """Pending commands; when idle, wait for one (waking each second to refresh stats)."""
@@ -228,8 +287,12 @@ class EngineLoop:
                     self._beams[request_id] = BeamGroup(self.engine, request_id, prompt, params)
                 else:
                     self.engine.add_request(request_id, prompt, params)
-            except ValueError as err:
-                events.append(StreamEvent("error", request_id, message=str(err)))
+            except Exception as err:  # refused before it ran: this request's error alone
+                if not isinstance(err, ValueError):  # (a ValueError is raised before anything is queued)
+                    self._beams.pop(request_id, None)
+                    self.engine.abort_request(request_id)
+                events.append(StreamEvent("error", request_id, message=f"the engine refused the request: {err}",
+                                          status=400))
                 return
             self._subscribers[request_id] = stream
             self._not_started.add(request_id)
@@ -243,10 +306,12 @@ class EngineLoop:
                 self.engine.abort_request(request_id)
                 self._not_started.discard(request_id)
                 self._last_tokens.pop(request_id, None)
+                self._next_snapshot.pop(request_id, None)
 
     def _finish(self, output: RequestOutput, events: list[StreamEvent]) -> None:
         request_id = output.request_id
         self._generated += sum(len(c.token_ids) for c in output.outputs) - self._last_tokens.pop(request_id, 0)
+        self._next_snapshot.pop(request_id, None)
         self._prompt_tokens += len(output.prompt_token_ids)
         self._cached_tokens += output.num_cached_tokens
         self._not_started.discard(request_id)
@@ -275,8 +340,11 @@ class EngineLoop:
             if tokens != self._last_tokens[request_id]:
                 self._generated += tokens - self._last_tokens[request_id]
                 self._last_tokens[request_id] = tokens
-                if stream:
+                if stream and time.monotonic() >= self._next_snapshot.get(request_id, 0.0):
+                    start = time.monotonic()
                     events.append(StreamEvent("progress", request_id, self.engine.peek_output(request_id)))
+                    end = time.monotonic()
+                    self._next_snapshot[request_id] = end + SNAPSHOT_WAIT_FACTOR * (end - start)
 
     def _collect_stats(self) -> dict[str, float]:
         engine = self.engine

@@ -12,6 +12,7 @@ same mistakes with the same messages, and answer with the same objects.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -22,7 +23,7 @@ from typing import Any
 from forkserve.chat import message_content, render_chat
 from forkserve.engine.engine import PromptInput
 from forkserve.outputs import CompletionOutput, Logprob, RequestOutput
-from forkserve.sampling_params import BeamSearchParams, SamplingParams
+from forkserve.sampling_params import BeamSearchParams, SamplingParams, is_valid_text, shown
 from forkserve.structured.params import CONSTRAINTS, StructuredOutputsParams
 
 COMPLETIONS = "completion"
@@ -47,10 +48,12 @@ CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias; vLLM clamps to it
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat has no limit
+MAX_PROMPTS = 2048  # prompts in one completion body (OpenAI's limit for arrays of inputs)
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 _SAMPLING_ERROR = re.compile(r"^invalid SamplingParams: (\w+) ")
-_PARAM_ERROR = re.compile(r"^request: (?:invalid SamplingParams: )?(\w+)")
+# "request: logprobs=30 exceeds ..." or "request: invalid SamplingParams: stop_token_ids holds ..."
+_ENGINE_PARAM_ERROR = re.compile(r"^request: (?:invalid SamplingParams: )?(\w+)")
 
 
 class OpenAIError(ValueError):
@@ -83,6 +86,8 @@ class OpenAIRequest:
     include_usage: bool = False
     structured_param: str | None = None  # the body field its structured outputs came from
     created: int = field(default_factory=lambda: int(time.time()))
+    # SamplingParams field -> the body field it came from (chat's logprobs come from top_logprobs)
+    source: dict[str, str] = field(default_factory=dict)
     echo: bool = False  # completions: the prompt before the text; chat: the last message's content, same role
     return_token_ids: bool = False  # vLLM's: prompt_token_ids and token_ids in the response
     chat_options: dict[str, Any] = field(default_factory=dict)  # render_chat's keyword arguments
@@ -121,21 +126,21 @@ def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) 
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise OpenAIError(f"unknown field(s) {', '.join(repr(u) for u in unknown)}", unknown[0], code="unknown_field")
+    for name in ("model", "user"):
+        _optional_text(body, name)
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise OpenAIError(f"model must be a string, got {model!r}", "model")
     stream = _optional_bool(body, "stream") or False
     include_usage = continuous_usage = False
     options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise OpenAIError("stream_options can only be given with stream: true", "stream_options")
+    if options is not None:  # its fields' types first: a malformed field is named whatever stream says
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
             raise OpenAIError("stream_options must be an object with only 'include_usage' and "
                               "'continuous_usage_stats'", "stream_options")
         include_usage = bool(_optional_bool(options, "include_usage", "stream_options.include_usage"))
         continuous_usage = bool(_optional_bool(options, "continuous_usage_stats",
                                                "stream_options.continuous_usage_stats"))
+        if not stream:
+            raise OpenAIError("stream_options can only be given with stream: true", "stream_options")
     use_beam_search = bool(_optional_bool(body, "use_beam_search"))
     if use_beam_search and stream:
         raise OpenAIError("use_beam_search cannot stream yet: send stream: false", "use_beam_search",
@@ -164,7 +169,7 @@ def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) 
         limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         values["max_tokens"], source["max_tokens"] = body.get(limit), limit
         if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
-            raise OpenAIError(f"logprobs must be true or false, got {body['logprobs']!r}", "logprobs")
+            raise OpenAIError(f"logprobs must be true or false, got {shown(body['logprobs'])}", "logprobs")
         top = body.get("top_logprobs")
         if top is not None and not body.get("logprobs"):
             raise OpenAIError("top_logprobs needs logprobs: true", "top_logprobs")
@@ -175,6 +180,8 @@ def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) 
         if body.get("suffix") is not None:
             raise OpenAIError("suffix is not supported", "suffix", code="unsupported")
         best_of = body.get("best_of")
+        if best_of is not None and not _is_int(best_of):
+            raise OpenAIError(f"best_of must be an integer, got {shown(best_of)}", "best_of")
         if best_of is not None and best_of != body.get("n", 1):
             raise OpenAIError("best_of other than n is not supported", "best_of", code="unsupported")
         max_tokens = body.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
@@ -188,13 +195,18 @@ def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) 
         params = SamplingParams(**values)
     except ValueError as err:
         match = _SAMPLING_ERROR.match(str(err))
-        raise OpenAIError(str(err), source.get(match.group(1)) if match else None) from None
+        name = match.group(1) if match else None
+        param = source.get(name, name) if name else None
+        message = str(err)
+        if name and param != name:  # say it as the body said it (max_completion_tokens, top_logprobs)
+            message = message.replace(f"SamplingParams: {name} ", f"SamplingParams: {param} ", 1)
+        raise OpenAIError(message, param) from None
     return OpenAIRequest(kind, params, prompts, model, stream, include_usage, echo=echo,
                          return_token_ids=return_token_ids, chat_options=chat_options,
                          use_beam_search=use_beam_search, length_penalty=float(length_penalty),
                          continuous_usage=include_usage and continuous_usage,
                          max_tokens_param=source.get("max_tokens", "max_tokens"),
-                         structured_param=structured_param)
+                         structured_param=structured_param, source=source)
 
 
 def _structured_outputs(body: dict) -> tuple[str | None, StructuredOutputsParams | None]:
@@ -277,10 +289,20 @@ def _chat_options(body: dict) -> dict[str, Any]:
     return options
 
 
+def parse_json(data: bytes | bytearray, what: str = "the request body") -> Any:
+    """JSON as Python reads it (NaN and Infinity included: the fields' checks refuse them by name).
+    Text that does not parse, nests deeper than Python recurses, or holds an integer too long to
+    convert raises OpenAIError (the last is a ValueError, the nesting a RecursionError)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise OpenAIError(f"{what} is not valid JSON: {shown(str(err))}", None, code="invalid_json") from None
+
+
 def check_model(request: OpenAIRequest, served: list[str]) -> None:
     """A named model must be one this process serves (an absent name means the first)."""
     if request.model is not None and request.model not in served:
-        raise OpenAIError(f"the model {request.model!r} does not exist here; this process serves "
+        raise OpenAIError(f"the model {shown(request.model)} does not exist here; this process serves "
                           f"{', '.join(repr(s) for s in served)}", "model", status=404, code="model_not_found")
 
 
@@ -309,10 +331,15 @@ def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any,
                     text = render_chat(tokenizer, prompt, label, **options)
                 except ValueError as err:
                     raise OpenAIError(str(err), param) from None
+                except Exception as err:  # template errors (e.g. raise_exception on bad role order)
+                    raise OpenAIError(f"{label}: the chat template failed: {err}", param) from None
                 ids = tokenizer(text, add_special_tokens=False).input_ids
             else:
                 text = prompt
-                ids = tokenizer(text).input_ids
+            try:
+                ids = tokenizer(text, add_special_tokens=request.kind != CHAT).input_ids
+            except Exception as err:  # the text was checked; a tokenizer may still refuse some
+                raise OpenAIError(f"{label}: the tokenizer failed: {type(err).__name__}: {err}", param) from None
             raw = {"prompt_token_ids": ids, "prompt": text}
         try:
             inputs.append(engine.make_prompt(raw, label, request.params.truncate_prompt_tokens))
@@ -322,13 +349,12 @@ def make_prompts(request: OpenAIRequest, tokenizer: Any, engine: Any,
     try:
         engine.check_params(request.params, "request")
     except ValueError as err:
-        match = _PARAM_ERROR.search(str(err))
-        field_name = match.group(1) if match else "logprobs"
+        match = _ENGINE_PARAM_ERROR.match(str(err))
         if "StructuredOutputsParams" in str(err):
-            field_name = request.structured_param
-        elif field_name == "logprobs" and request.kind == CHAT:
-            field_name = "top_logprobs"
-        raise OpenAIError(str(err), field_name) from None
+            param = request.structured_param
+        else:
+            param = request.source.get(match.group(1), match.group(1)) if match else None
+        raise OpenAIError(str(err), param) from None
     for prompt in inputs:
         try:
             engine.check_fits(prompt, request.params, "request")
@@ -345,7 +371,22 @@ def _json_type(value: Any) -> str:
 def _optional_bool(body: dict, name: str, param: str | None = None) -> bool | None:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise OpenAIError(f"{param or name} must be true or false, got {value!r}", param or name)
+        raise OpenAIError(f"{param or name} must be true or false, got {shown(value)}", param or name)
+    return value
+
+
+def _check_text(value: str, param: str) -> str:
+    if not is_valid_text(value):
+        raise OpenAIError(f"{param} is not valid Unicode (it holds a lone surrogate such as \\ud800)", param)
+    return value
+
+
+def _optional_text(body: dict, name: str, param: str | None = None) -> str | None:
+    value = body.get(name)
+    if value is not None:
+        if not isinstance(value, str):
+            raise OpenAIError(f"{param or name} must be a string, got {shown(value)}", param or name)
+        _check_text(value, param or name)
     return value
 
 
@@ -355,11 +396,13 @@ def _is_int(value: Any) -> bool:
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
     """OpenAI's prompt forms: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS and not all(_is_int(t) for t in prompt):
+        raise OpenAIError(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} go in one request", "prompt")
     if isinstance(prompt, str):
-        return [prompt]
+        return [_check_text(prompt, "prompt")]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
+            return [_check_text(p, "prompt") for p in prompt]
         if all(_is_int(t) for t in prompt):
             return [list(prompt)]
         if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
@@ -382,8 +425,9 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise OpenAIError(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise OpenAIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise OpenAIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {shown(role)}",
+                              f"{where}.role")
         content = message.get("content")
         if content is None and role != "assistant":
             raise OpenAIError(f"{where}.content must be a string or an array of text parts", f"{where}.content")
@@ -391,9 +435,10 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
             content = message_content(content, where)
         except ValueError as err:
             raise OpenAIError(str(err), f"{where}.content") from None
-        entry = {"role": role, "content": content}
-        if isinstance(message.get("name"), str):
-            entry["name"] = message["name"]
+        entry = {"role": role, "content": _check_text(content, f"{where}.content")}
+        name = _optional_text(message, "name", f"{where}.name")
+        if name is not None:
+            entry["name"] = name
         checked.append(entry)
     return checked
 

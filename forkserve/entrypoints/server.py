@@ -18,6 +18,7 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -31,9 +32,10 @@ from forkserve.chat import render_chat
 from forkserve.metrics import prometheus_text as vllm_prometheus_text
 from forkserve.entrypoints.openai_protocol import (CHAT, COMPLETIONS, OpenAIError, OpenAIRequest, chat_chunk,
                                                    chat_logprobs, check_model, completion_chunk,
-                                                   completion_logprobs, error_body, make_prompts, new_id,
+                                                   completion_logprobs, error_body, make_prompts, new_id, parse_json,
                                                    parse_request, response_body, usage, usage_chunk)
 from forkserve.outputs import CompletionOutput, RequestOutput
+from forkserve.sampling_params import shown
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +54,23 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
     (the --model value). `chat_template` replaces the tokenizer's (vLLM's --chat-template);
     `response_role` is the chat answers' role.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a non-empty --api-key / FORKSERVE_API_KEY, or none at all")
+    # Set-up only: after a fault the loop may run a new engine, and no route may keep the old one alive.
     engine = engine_loop.engine
-    accepted_names = [*served_model_names, engine.config.model]
+    root, max_model_len, vocab_size = engine.config.model, engine.max_model_len, engine.model_config.vocab_size
+    accepted_names = [*served_model_names, root]
     engine_loop.model_name = served_model_names[0]
     if tokenizer is None and engine.tokenizer is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(engine.config.tokenizer or engine.config.model,
                                                   trust_remote_code=False)
+    del engine
+    # Tokenizing (and rendering chat templates of) a large body takes a while: it runs off the
+    # event loop, so health checks and streams go on meanwhile, on one thread, since a fast
+    # tokenizer refuses to be used by two threads at once.
+    tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forkserve-tokenize")
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -69,6 +80,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
             yield
         finally:
             engine_loop.stop()
+            tokenize_thread.shutdown(wait=False)
 
     app = FastAPI(title="forkserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -109,7 +121,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": started_at, "owned_by": "forkserve",
-                "root": engine.config.model, "parent": None, "max_model_len": engine.max_model_len}
+                "root": root, "parent": None, "max_model_len": max_model_len}
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
@@ -133,12 +145,12 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await read_json(request, max_request_bytes)
         ids = tokenize_body(body, tokenizer, accepted_names, chat_template)
-        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": None}
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await read_json(request, max_request_bytes)
-        return {"prompt": detokenize_body(body, tokenizer, accepted_names, engine.model_config.vocab_size)}
+        return {"prompt": detokenize_body(body, tokenizer, accepted_names, vocab_size)}
 
     @app.get("/metrics", dependencies=guarded)
     async def metrics() -> PlainTextResponse:
@@ -146,10 +158,22 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
 
     async def generate(request: Request, kind: str) -> Response:
         body = await read_json(request, max_request_bytes)
-        parsed = parse_request(kind, body, engine.default_sampling_overrides)
-        parsed.response_role = response_role
-        check_model(parsed, accepted_names)
-        prompts = make_prompts(parsed, tokenizer, engine, chat_template)
+        current = engine_loop.engine
+        if current is None:
+            raise OpenAIError("the engine is being rebuilt after a fault; retry shortly", None, status=503,
+                              type="server_error", code="engine_restarting")
+        try:
+            parsed = parse_request(kind, body, current.default_sampling_overrides)
+            parsed.response_role = response_role
+            check_model(parsed, accepted_names)
+            prompts = await asyncio.get_running_loop().run_in_executor(tokenize_thread, make_prompts, parsed,
+                                                                       tokenizer, current, chat_template)
+        except OpenAIError:
+            raise
+        except Exception as err:  # a body the checks did not foresee: still this request's fault alone
+            logger.exception("a request body failed validation unexpectedly")
+            raise OpenAIError(f"the request could not be read: {type(err).__name__}: {shown(str(err))}", None,
+                              code="invalid_request") from None
         if engine_loop.num_waiting >= max_waiting:
             engine_loop.counts["rejected"] += 1
             raise OpenAIError(f"the server is busy: {engine_loop.num_waiting} requests are already waiting for "
@@ -157,7 +181,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
                               None, status=429, type="rate_limit_error", code="rate_limit_exceeded")
         request_id = new_id(kind)
         try:
-            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.beam_search_params(p, engine.max_model_len)
+            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.beam_search_params(p, current.max_model_len)
                                           if parsed.use_beam_search else parsed.params)
                                          for i, p in enumerate(prompts)], stream=parsed.stream)
         except EngineDead as err:
@@ -199,10 +223,7 @@ async def read_json(request: Request, limit: int) -> Any:
         data += chunk
         if len(data) > limit:
             raise too_big
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise OpenAIError(f"the request body is not valid JSON: {err}", None, code="invalid_json") from None
+    return parse_json(data)
 
 
 def _prompt_index(handle: RequestStream, request_id: str) -> int:
@@ -217,8 +238,10 @@ async def collect(handle: RequestStream, request: Request, engine_loop: EngineLo
             events = await handle.wait(_POLL_S)
             for event in events:
                 if event.kind == "error":
-                    raise OpenAIError(event.message or "the request failed", None, status=500,
-                                      type="server_error", code=None)
+                    fault = event.status >= 500
+                    raise OpenAIError(event.message or "the request failed", None, status=event.status,
+                                      type="server_error" if fault else "invalid_request_error",
+                                      code="engine_fault" if fault else "invalid_request")
                 if event.kind == "final":
                     outputs[event.request_id] = event.output  # type: ignore[assignment]
             if not events:
@@ -305,7 +328,10 @@ async def stream_events(handle: RequestStream, parsed: OpenAIRequest, request_id
                 events = [_dead_event(handle, engine_loop)]
             for event in events:
                 if event.kind == "error":
-                    yield _sse(error_body(event.message or "the request failed", "server_error", None, None))
+                    fault = event.status >= 500
+                    yield _sse(error_body(event.message or "the request failed",
+                                          "server_error" if fault else "invalid_request_error", None,
+                                          "engine_fault" if fault else "invalid_request"))
                     yield _sse("[DONE]")
                     return
                 latest[event.request_id] = event.output  # type: ignore[assignment]
@@ -392,6 +418,8 @@ def prometheus_text(engine_loop: EngineLoop) -> str:
     add("requests_rejected_total", "counter", "Requests refused with 429 (too many waiting).",
         engine_loop.counts["rejected"])
     add("engine_alive", "gauge", "1 while the engine thread runs.", int(engine_loop.alive))
+    add("engine_faults_total", "counter", "Engine steps that failed (their requests got 500; the engine was reset).",
+        engine_loop.faults)
     lines += vllm_prometheus_text(engine_loop.vllm_metrics)
     return "\n".join(lines) + "\n"
 
@@ -453,4 +481,9 @@ def serve(engine_loop: EngineLoop, served_model_names: list[str], *, host: str =
 
     app = build_app(engine_loop, served_model_names, api_key=api_key, max_waiting=max_waiting,
                     max_request_bytes=max_request_bytes, chat_template=chat_template, response_role=response_role)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log))
+    engine_loop.on_dead = lambda: setattr(server, "should_exit", True)  # no engine: end the process
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it caught again once it has shut down
+        pass
