@@ -200,7 +200,7 @@ def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) 
         if name and param != name:  # say it as the body said it (max_completion_tokens, top_logprobs)
             message = message.replace(f"SamplingParams: {name} ", f"SamplingParams: {param} ", 1)
         raise OpenAIError(message, param) from None
-    return OpenAIRequest(kind, params, prompts, model, stream, include_usage, echo=echo,
+    return OpenAIRequest(kind, params, prompts, body.get("model"), stream, include_usage, echo=echo,
                          return_token_ids=return_token_ids, chat_options=chat_options,
                          use_beam_search=use_beam_search, length_penalty=float(length_penalty),
                          continuous_usage=include_usage and continuous_usage,
