@@ -254,6 +254,28 @@ def test_fused_moe_matches_reference(case: str, tokens: int) -> None:
     assert relative_error(out, rerouted) < 1e-2
 
 
+def test_moe_start_up_leaves_no_compile_to_a_step(tiny_model_factory) -> None:  # noqa: ANN001
+    """After start-up, a MoE block at any token count (each tile-row bucket, both parities, an MLP
+    chunk) launches only kernels compiled already: a compile inside a step held one ~1.4 s."""
+    from forkserve.kernels import moe as kernels
+
+    llm = LLM(str(tiny_model_factory("qwen3_moe", head_dim=64)), device="cuda", dtype="bfloat16", max_model_len=512,
+              num_gpu_blocks_override=64, max_num_seqs=16)
+    block = next(layer.mlp for layer in llm.engine.model.layers if isinstance(layer.mlp, moe.SparseMoE))
+    jitted = [kernels._route_kernel, kernels._count_kernel, kernels._scan_kernel, kernels._place_kernel,
+              kernels._expert_gemm_kernel]
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for kernel in jitted for caches in kernel.device_caches.values())
+
+    before = compiled()
+    with torch.inference_mode():
+        for tokens in list(range(1, 70)) + [191, 192, 193, 777, 4095, 4096]:
+            block(torch.randn(tokens, block.w13.shape[2], device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    assert compiled() == before
+
+
 NEAR_TIE = 2e-2  # fp16 logits: closer top-2 candidates may legitimately swap between kernels
 
 

@@ -12,7 +12,13 @@ two grouped GEMMs over stacked weights (w13: [E, 2I, H], w2: [E, H, I]).
 Experts that receive no tokens get no blocks, so their weights are never read; blocks past the
 padded total exit at once. Every buffer is sized from T alone (the worst case: each expert's run
 padded by BLOCK_M - 1) and nothing is read back to the host, so decode steps capture in CUDA
-graphs. Rounding follows forkserve/model/moe.py's reference (the model dtype after each GEMM and
+graphs.
+
+Triton compiles a kernel once per specialisation: its constexprs, and for each int argument
+whether it is 1 or a multiple of 16. The sizes that vary with T (entries, blocks) are therefore
+`do_not_specialize`, so a kernel's configurations are only the tile rows `_block_m` picks
+(TILE_ROWS), and `warm_up` compiles them all at start-up: a configuration first met by a step
+held a prefill step on the H200 ~1.4 s in JIT compile. Rounding follows forkserve/model/moe.py's reference (the model dtype after each GEMM and
 the activation, as HF rounds). The design follows the fused-MoE kernels of vLLM and SGLang.
 """
 from __future__ import annotations
@@ -66,7 +72,7 @@ def _one_hot(ids_ptr, block, num_entries, num_experts, BLOCK_N: tl.constexpr, BL
     return entries, ids, (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_entries"])
 def _count_kernel(ids_ptr, counts_ptr, num_entries, num_experts, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     block = tl.program_id(0)
     _, _, one_hot = _one_hot(ids_ptr, block, num_entries, num_experts, BLOCK_N, BLOCK_E)
@@ -74,7 +80,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_entries, num_experts, BLOCK_N: tl.con
     tl.store(counts_ptr + block * num_experts + experts, tl.sum(one_hot, axis=0), mask=experts < num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks", "num_entries", "num_m_blocks"])
 def _scan_kernel(counts_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr, num_blocks, num_experts,
                  num_entries, num_m_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
     """One program: each expert's padded run, each entry block's start within it (written over
@@ -108,7 +114,7 @@ def _scan_kernel(counts_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr, 
     tl.store(num_padded_ptr, tl.sum(padded, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_entries"])
 def _place_kernel(ids_ptr, offsets_ptr, sorted_ids_ptr, num_entries, num_experts, BLOCK_N: tl.constexpr,
                   BLOCK_E: tl.constexpr):
     block = tl.program_id(0)
@@ -143,7 +149,7 @@ def align(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     return sorted_ids, block_experts, num_padded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_entries", "num_m_blocks"])
 def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr, weights_ptr,
                         num_entries, n_out, k_in, stride_a, stride_we, stride_wn, stride_out, num_m_blocks,
                         TOP_K: tl.constexpr, GATE_UP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -211,10 +217,14 @@ def _tiles(block_m: int, n_out: int, k_in: int, gate_up: bool) -> dict[str, int]
                 num_warps=4 if block_m < 64 else 8)
 
 
+TILE_ROWS = (16, 32, 64)  # the rows per tile `_block_m` picks from
+
+
 def _block_m(entries_per_expert: float) -> int:
     """Rows per tile by rows per expert: small tiles for decode (little padding per expert),
     larger ones when experts receive many rows (prefill)."""
-    return 16 if entries_per_expert <= 16 else 32 if entries_per_expert <= 48 else 64
+    small, medium, large = TILE_ROWS
+    return small if entries_per_expert <= 16 else medium if entries_per_expert <= 48 else large
 
 
 def _expert_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
@@ -230,17 +240,18 @@ def _expert_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """sum over k of weights[t, k] * expert experts[t, k]'s down(silu(gate) * up)(x[t]), for
     x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights: [T, k] fp32, experts: [T, k] int32;
-    written into `out` ([T, H], contiguous) when given."""
+    written into `out` ([T, H], contiguous) when given; `block_m` overrides the tile rows that
+    the rows per expert would pick (warm-up, tuning)."""
     tokens, top_k = experts.shape
     num_experts, intermediate = w13.shape[0], w2.shape[2]
     out = torch.empty_like(x) if out is None else out
     if tokens == 0:
         return out
     assert x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous() and out.is_contiguous()
-    block_m = _block_m(tokens * top_k / num_experts)
+    block_m = block_m or _block_m(tokens * top_k / num_experts)
     sorted_ids, block_experts, num_padded = align(experts, num_experts, block_m)
     entries = tokens * top_k
     act = torch.empty(entries, intermediate, dtype=x.dtype, device=x.device)
@@ -248,3 +259,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     y = torch.empty(entries, x.shape[1], dtype=x.dtype, device=x.device)
     _expert_gemm(act, w2, y, sorted_ids, block_experts, num_padded, weights.reshape(-1), top_k, False, block_m)
     return torch.sum(y.view(tokens, top_k, -1), dim=1, out=out)
+
+
+def warm_up(w13: torch.Tensor, w2: torch.Tensor, top_k: int, renormalise: bool) -> None:
+    """Route one token and run the fused MoE once per TILE_ROWS on these weights' shapes and
+    dtype: with no per-step size specialised on, these are every compile a run can need."""
+    num_experts, hidden = w13.shape[0], w13.shape[2]
+    x = torch.zeros(1, hidden, dtype=w13.dtype, device=w13.device)
+    weights, experts = route(torch.zeros(1, num_experts, dtype=w13.dtype, device=w13.device), top_k, renormalise)
+    for block_m in TILE_ROWS:
+        fused_moe(x, w13, w2, weights, experts, block_m=block_m)

@@ -62,6 +62,13 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device),
                                requires_grad=False)
 
+    def compile_kernels(self) -> None:
+        """Compile every configuration of the fused kernels now (where they apply), so that no
+        step waits on a JIT compile."""
+        kernels = gpu_kernels("moe", self.w13)
+        if kernels is not None:
+            kernels.warm_up(self.w13, self.w2, self.top_k, self.renormalise)
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output for tokens x: [T, H], written into `out` when given."""
         router_logits = nn.functional.linear(x, self.gate)
