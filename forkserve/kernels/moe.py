@@ -1,7 +1,7 @@
 """Fused mixture-of-experts in Triton: routing, sorting tokens by expert, and the experts' MLPs as
 two grouped GEMMs over stacked weights (w13: [E, 2I, H], w2: [E, H, I]).
 
-1. `route`: softmax over the router logits, top k, renormalised (one program per token).
+1. `route`: softmax over the router logits, top k by logit, renormalised (one program per token).
 2. Align: the T*k (token, choice) entries are sorted by expert into `sorted_ids`, each expert's
    run padded to a multiple of BLOCK_M with the sentinel T*k, and each BLOCK_M-row block is
    labelled with its expert (count per entry block, one scan, place; stable order).
@@ -33,19 +33,20 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, TOP_K: tl.const
                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
-    logits = tl.load(logits_ptr + token * num_experts + experts, mask=experts < num_experts,
-                     other=-float("inf")).to(tl.float32)
+    available = experts < num_experts
+    logits = tl.load(logits_ptr + token * num_experts + experts, mask=available, other=-float("inf")).to(tl.float32)
     probs = tl.exp(logits - tl.max(logits, axis=0))
-    probs = tl.where(experts < num_experts, probs / tl.sum(probs, axis=0), -1.0)
+    probs = probs / tl.sum(probs, axis=0)
     slots = tl.arange(0, BLOCK_K)
     chosen = tl.zeros([BLOCK_K], dtype=tl.float32)
     chosen_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):  # the largest first; ties to the lower expert id, as torch.topk
-        best = tl.max(probs, axis=0)
-        index = tl.min(tl.where(probs == best, experts, BLOCK_E), axis=0)
-        chosen = tl.where(slots == k, best, chosen)
+    for k in tl.static_range(TOP_K):  # by logit, the largest first; ties to the lower expert id
+        best = tl.max(tl.where(available, logits, -float("inf")), axis=0)
+        index = tl.min(tl.where(available & (logits == best), experts, BLOCK_E), axis=0)
+        index = tl.minimum(index, num_experts - 1)  # a NaN row must not name an expert past the last
+        chosen = tl.where(slots == k, tl.sum(tl.where(experts == index, probs, 0.0), axis=0), chosen)
         chosen_ids = tl.where(slots == k, index, chosen_ids)
-        probs = tl.where(experts == index, -1.0, probs)
+        available = available & (experts != index)
     if RENORMALISE:
         chosen = chosen / tl.sum(chosen, axis=0)
     tl.store(weights_ptr + token * TOP_K + slots, chosen, mask=slots < TOP_K)
