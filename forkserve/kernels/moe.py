@@ -12,14 +12,14 @@ two grouped GEMMs over stacked weights (w13: [E, 2I, H], w2: [E, H, I]).
 Experts that receive no tokens get no blocks, so their weights are never read; blocks past the
 padded total exit at once. Every buffer is sized from T alone (the worst case: each expert's run
 padded by BLOCK_M - 1) and nothing is read back to the host, so decode steps capture in CUDA
-graphs.
+graphs. Rounding follows forkserve/model/moe.py's reference (the model dtype after each GEMM and
+the activation, as HF rounds). The design follows the fused-MoE kernels of vLLM and SGLang.
 
 Triton compiles a kernel once per specialisation: its constexprs, and for each int argument
 whether it is 1 or a multiple of 16. The sizes that vary with T (entries, blocks) are therefore
 `do_not_specialize`, so a kernel's configurations are only the tile rows `_block_m` picks
 (TILE_ROWS), and `warm_up` compiles them all at start-up: a configuration first met by a step
-held a prefill step on the H200 ~1.4 s in JIT compile. Rounding follows forkserve/model/moe.py's reference (the model dtype after each GEMM and
-the activation, as HF rounds). The design follows the fused-MoE kernels of vLLM and SGLang.
+held that prefill step on the H200 ~1.4 s in JIT compile.
 """
 from __future__ import annotations
 
