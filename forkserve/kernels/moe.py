@@ -210,12 +210,12 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_experts_ptr
 
 
 def _tiles(block_m: int, n_out: int, k_in: int, gate_up: bool) -> dict[str, int]:
-    """Tile sizes and warps for rows of block_m per tile: the gate-up GEMM keeps two accumulators,
-    so its tiles are half as wide."""
+    """Tile sizes, warps and pipeline stages for rows of block_m per tile: the gate-up GEMM keeps
+    two accumulators, so its tiles are half as wide. (scripts/moe_probe.py --configs sweeps them.)"""
     block_n = 64 if block_m < 64 or gate_up else 128
     return dict(BLOCK_M=block_m, BLOCK_N=min(block_n, max(16, triton.next_power_of_2(n_out))),
                 BLOCK_K=min(64, max(16, triton.next_power_of_2(k_in))), GROUP_M=1 if block_m < 64 else 8,
-                num_warps=4 if block_m < 64 else 8)
+                num_warps=4 if block_m < 64 else 8, num_stages=3)
 
 
 TILE_ROWS = (16, 32, 64)  # the rows per tile `_block_m` picks from
@@ -237,7 +237,7 @@ def _expert_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids
     grid = (num_m_blocks * triton.cdiv(n_out, tiles["BLOCK_N"]),)
     _expert_gemm_kernel[grid](a, w, out, sorted_ids, block_experts, num_padded, weights, out.shape[0], n_out, k_in,
                               a.stride(0), w.stride(0), w.stride(1), out.stride(0), num_m_blocks, TOP_K=top_k,
-                              GATE_UP=gate_up, IEEE=a.dtype == torch.float32, num_stages=3, **tiles)
+                              GATE_UP=gate_up, IEEE=a.dtype == torch.float32, **tiles)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
