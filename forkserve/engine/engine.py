@@ -70,6 +70,7 @@ class Engine:
                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer or config.model)
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format)
+        self.model.compile_kernels()
         self.cascade_rule = None if config.disable_cascade_attn else CascadeRule()
         self.step_memory: StepMemory | None = None  # the profile steps' peaks, where they sized the pool
         backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
