@@ -13,7 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.tokenizer import write_padded_tokenizer
 from benchmarks.workloads import build
 
 logger = logging.getLogger("forkserve.bench")
@@ -136,6 +135,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = model_dir_from_config(args.model_config, Path(tmp) / "model")
         if needs_tokenizer(args.workloads):
+            from benchmarks.tokenizer import write_padded_tokenizer  # imports torch: not for --help
+
             write_padded_tokenizer(model_dir)
         for engine in engines:
             results += run_engine(engine, model_dir, args.workloads, args.scale, json.loads(args.engine_args))

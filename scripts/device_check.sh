@@ -8,7 +8,8 @@
 #   profile:ARGS                   python -m benchmarks.profile .shared/$MODEL_SHAPE ARGS (ARGS space-separated)
 #   phases:ARGS                    python -m benchmarks.phases .shared/$MODEL_SHAPE ARGS (host time per step phase)
 #   probe[:PARTS]                  python scripts/attention_probe.py [PARTS, comma-separated: own,level,triton,gemm]
-#   moe_probe                      python scripts/moe_probe.py .shared/$MODEL_SHAPE (MoE time per decode step vs bytes)
+#   moe_probe[:ARGS]               python scripts/moe_probe.py .shared/$MODEL_SHAPE ARGS (MoE time per decode step vs
+#                                  bytes; ARGS e.g. "--batches 1 64 1024 --configs default m=128,w=8", space-separated)
 # The model shape is .shared/$MODEL_SHAPE/config.json with dummy weights: MODEL_SHAPE=llama-3.1-8b (default) or
 # qwen3-30b-a3b (a mixture of experts), e.g. MODEL_SHAPE=qwen3-30b-a3b bash scripts/device_check.sh bench:samples:both
 # e.g. bash scripts/device_check.sh tests "profile:--batch 1024 --context 2100 --shared 2000 --cascade on,off" \
@@ -68,8 +69,11 @@ for step in "$@"; do
             # shellcheck disable=SC2086
             timeout "${PROFILE_TIMEOUT:-300}" python3 scripts/attention_probe.py ${parts:+${parts#:}} 2>&1 \
                 | grep -vE "UserWarning|_warn_once" ;;
-        moe_probe)
-            timeout "${PROFILE_TIMEOUT:-300}" python3 scripts/moe_probe.py "$shape" 2>&1 | grep -vE "UserWarning|_warn_once" ;;
+        moe_probe|moe_probe:*)
+            args=${step#moe_probe}
+            # shellcheck disable=SC2086
+            timeout "${PROFILE_TIMEOUT:-300}" python3 scripts/moe_probe.py "$shape" ${args#:} 2>&1 \
+                | grep -vE "UserWarning|_warn_once" ;;
         *)
             echo "unknown step $step" ;;
     esac

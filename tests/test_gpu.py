@@ -254,7 +254,66 @@ def test_fused_moe_matches_reference(case: str, tokens: int) -> None:
     assert relative_error(out, rerouted) < 1e-2
 
 
+def test_moe_start_up_leaves_no_compile_to_a_step(tiny_model_factory) -> None:  # noqa: ANN001
+    """After start-up, a MoE block at any token count (each tile-row bucket, both parities, an MLP
+    chunk) launches only kernels compiled already: a compile inside a step held one ~1.4 s."""
+    from forkserve.kernels import moe as kernels
+
+    llm = LLM(str(tiny_model_factory("qwen3_moe", head_dim=64)), device="cuda", dtype="bfloat16", max_model_len=512,
+              num_gpu_blocks_override=64, max_num_seqs=16)
+    block = next(layer.mlp for layer in llm.engine.model.layers if isinstance(layer.mlp, moe.SparseMoE))
+    jitted = [kernels._route_kernel, kernels._count_kernel, kernels._scan_kernel, kernels._place_kernel,
+              kernels._expert_gemm_kernel]
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for kernel in jitted for caches in kernel.device_caches.values())
+
+    before = compiled()
+    with torch.inference_mode():
+        for tokens in list(range(1, 70)) + [191, 192, 193, 777, 4095, 4096]:
+            block(torch.randn(tokens, block.w13.shape[2], device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    assert compiled() == before
+
+
 NEAR_TIE = 2e-2  # fp16 logits: closer top-2 candidates may legitimately swap between kernels
+# fp16 router logits of the tiny MoE models (|l| ~ 0.5-2, ulps of 5e-4 to 2e-3): experts k and k+1
+# closer than this may swap between paths whose hidden states differ in their last bits
+ROUTER_NEAR_TIE = 5e-3
+
+
+def first_router_near_ties(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Per request id, filled while `llm` generates: the first output index whose sampling row had
+    a router near-tie (ROUTER_NEAR_TIE between the k-th and next expert) in any MoE layer. There
+    the paths may route that row apart, changing its hidden state by a whole expert's output, far
+    beyond NEAR_TIE. Prompt rows before the last are not counted: a swap there reaches the logits
+    only through attention, diluted over the prompt (and with ~1% of rows per layer near a tie,
+    nearly every prompt has one)."""
+    runner, first = llm.engine.runner, {}
+    rows: list[tuple[str, int] | None] = []  # the step's rows: (request id, output index) where a row samples
+    forward, route = runner._forward, moe.route
+
+    def recording_forward(batch, previous):  # noqa: ANN001, ANN202
+        rows.clear()
+        for item in batch:
+            seq = item.seq
+            for position in range(seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens):
+                index = position - (seq.num_prompt_tokens - 1)
+                rows.append((seq.request.request_id, index) if index >= 0 else None)
+        return forward(batch, previous)
+
+    def recording_route(logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        assert len(rows) == logits.shape[0], "router rows are not the step's rows"
+        ordered = logits.float().sort(dim=-1, descending=True).values
+        for row in (ordered[:, top_k - 1] - ordered[:, top_k] < ROUTER_NEAR_TIE).nonzero().flatten().tolist():
+            if rows[row] is not None:
+                request, index = rows[row]
+                first[request] = min(first.get(request, index), index)
+        return route(logits, top_k, renormalise)
+
+    monkeypatch.setattr(runner, "_forward", recording_forward)
+    monkeypatch.setattr(moe, "route", recording_route)
+    return first
 
 
 @pytest.mark.parametrize("family,cascade,tensor_cores", [("llama", False, False), ("qwen3", False, True),
@@ -268,7 +327,9 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, monkeypatch, famil
     with plain attention and the pure-torch MoE (fp16).
 
     A sequence is compared up to the first step where the reference's two best logprobs are
-    within NEAR_TIE (a tie either path may break either way); every sequence must agree that far.
+    within NEAR_TIE (a tie either path may break either way), for the MoE families also up to the
+    first step whose row had a router near-tie (first_router_near_ties); every sequence must agree
+    that far.
     """
     model = str(tiny_model_factory(family, head_dim=64))  # FlashInfer needs head_dim >= 64
     rng = random.Random(0)
@@ -298,18 +359,23 @@ def test_gpu_greedy_equals_reference_path(tiny_model_factory, monkeypatch, famil
     assert (max(replayed_levels) > 0) == cascade, "decode steps with shared levels never replayed a graph"
     assert replayed_kernels == {tensor_cores}
     monkeypatch.setattr(moe, "gpu_kernels", lambda name, x: None)  # the MoE block's reference path
-    ref = LLM(model, attention_backend="reference", enforce_eager=True, disable_cascade_attn=True,
-              **common).generate(prompts, params, use_tqdm=False)
+    ref_llm = LLM(model, attention_backend="reference", enforce_eager=True, disable_cascade_attn=True, **common)
+    router_ties = first_router_near_ties(ref_llm, monkeypatch)
+    ref = ref_llm.generate(prompts, params, use_tqdm=False)
     compared = 0
     for a, b in zip(fast, ref):
         steps = b.outputs[0].logprobs
         gaps = [abs(lps[0] - lps[1]) for lps in (sorted((x.logprob for x in e.values()), reverse=True) for e in steps)]
         upto = next((i for i, gap in enumerate(gaps) if gap < NEAR_TIE), len(steps))
-        assert a.outputs[0].token_ids[:upto] == b.outputs[0].token_ids[:upto]
+        upto = min(upto, router_ties.get(b.request_id, upto))
+        assert a.outputs[0].token_ids[:upto] == b.outputs[0].token_ids[:upto], f"{b.request_id}: first {upto} tokens"
         compared += upto
     # Random tiny weights give flat distributions, so near-ties are common: 189 of 480 steps come
-    # before one on an H100. Demanding 30% keeps the test meaningful without flaking.
-    assert compared >= 0.3 * 40 * len(prompts), f"only {compared} tokens compared: too many near-ties"
+    # before one on an H100. Demanding 30% keeps the test meaningful without flaking; the MoE
+    # families' router near-ties (about 1% of rows per layer here) end sequences sooner: both cuts
+    # leave 122 of 480 tokens for qwen3_moe on these prompts (CPU, fp32).
+    share = 0.3 if family not in ("qwen3_moe", "mixtral") else 0.2
+    assert compared >= share * 40 * len(prompts), f"only {compared} tokens compared: too many near-ties"
 
 
 def test_gpu_token_controls_and_prompt_logprobs(tiny_model_factory) -> None:

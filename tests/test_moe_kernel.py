@@ -4,13 +4,16 @@ expert, and the whole block, including experts that receive no tokens and one th
 every token. The same cases run compiled, in bf16, in tests/test_gpu.py."""
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from typing import Callable
 
 import pytest
 import torch
 
 from forkserve.model import moe
+from forkserve.model.llama import MLP_CHUNK_TOKENS
 from forkserve.model.moe import reference_moe, route
 from moe_routing import routing_case
 
@@ -22,6 +25,8 @@ assert "triton" not in sys.modules, "triton was imported before the interpreter 
 os.environ["TRITON_INTERPRET"] = "1"
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 from forkserve.kernels import moe as kernels  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend  # noqa: E402
 
 _patch_lang_tensor = interpreter._patch_lang_tensor
 
@@ -73,10 +78,14 @@ def test_fused_moe_matches_reference(case: str, tokens: int, num_experts: int, t
 
 @pytest.mark.parametrize("renormalise", [True, False])
 def test_route_matches_reference(renormalise: bool) -> None:
-    generator = torch.Generator().manual_seed(1)  # distinct logits: no near-tie for the two softmaxes to order apart
-    logits = torch.stack([torch.randperm(6, generator=generator) for _ in range(9)]) * 0.7 - 2.0
+    """Both routers choose by logit, ties to the lower expert id: bf16 logits on a coarse grid tie
+    often (the one-hot rows make every expert but one tie), and the choices must be identical."""
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randint(-3, 4, (40, 6), generator=generator) * 0.5).to(torch.bfloat16)
+    logits[:3] = torch.eye(6)[:3].to(torch.bfloat16)
     weights, experts = kernels.route(logits, 3, renormalise)
     expected_weights, expected_experts = route(logits, 3, renormalise)
+    assert expected_experts[0].tolist() == [0, 1, 2] and expected_experts[1].tolist() == [1, 0, 2]
     assert torch.equal(experts, expected_experts)
     assert torch.allclose(weights, expected_weights, rtol=1e-6)
 
@@ -96,3 +105,44 @@ def test_sparse_moe_block_through_the_kernels(monkeypatch: pytest.MonkeyPatch, r
     out = torch.empty(40, 64)
     assert block(x, out=out[:37]).data_ptr() == out.data_ptr()
     assert calls == ["moe"] and torch.allclose(out[:37], expected, rtol=1e-4, atol=1e-5)
+
+
+KERNELS = ("_route_kernel", "_count_kernel", "_scan_kernel", "_place_kernel", "_expert_gemm_kernel")
+
+
+class _LaunchKeys:
+    """Stands in for a kernel: records each launch's compile key by Triton's own rule (constexprs
+    and launch options as given, and for every other argument its type and Triton's
+    specialisation: ints equal to 1 or divisible by 16, unless do_not_specialize), runs nothing."""
+
+    def __init__(self, name: str, kernel: object, keys: set) -> None:
+        self.name, self.keys = name, keys
+        self.params = list(inspect.signature(kernel.fn).parameters.values())
+        unspecialised = getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize") or ()
+        self.unspecialised = set(unspecialised)
+
+    def __getitem__(self, grid: tuple) -> Callable[..., None]:
+        def launch(*args: object, **options: object) -> None:
+            specialised = tuple(native_specialize_impl(BaseBackend, arg, False, param.name not in self.unspecialised,
+                                                       param.name not in self.unspecialised)
+                                for param, arg in zip(self.params, args))
+            self.keys.add((self.name, tuple(sorted(options.items())), specialised))
+        return launch
+
+
+def test_warm_up_compiles_every_configuration_a_step_meets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block's start-up compile launches every kernel configuration that any step's token
+    count (1 to an MLP chunk's MLP_CHUNK_TOKENS) leads to: all tile rows, and no per-step size
+    that Triton would specialise on (a new key is a JIT compile inside a timed step)."""
+    warm, stepped = set(), set()
+    block = moe.SparseMoE(32, 16, 8, 2, True, torch.float32, "cpu")
+    monkeypatch.setattr(moe, "gpu_kernels", lambda name, tensor: kernels)
+    for name in KERNELS:
+        monkeypatch.setattr(kernels, name, _LaunchKeys(name, getattr(kernels, name), warm))
+    block.compile_kernels()
+    assert {dict(key[1])["BLOCK_M"] for key in warm if key[0] == "_expert_gemm_kernel"} == set(kernels.TILE_ROWS)
+    for name in KERNELS:
+        getattr(kernels, name).keys = stepped
+    for tokens in list(range(1, 260)) + [1000, 4095, MLP_CHUNK_TOKENS]:
+        block(torch.zeros(tokens, 32))
+    assert stepped - warm == set()

@@ -72,7 +72,9 @@ def poison_cases() -> list[tuple[str, dict, str]]:
         (COMPLETIONS, {"prompt": "x", "model": 5}, "model"),
         (COMPLETIONS, {"prompt": "x", "user": ["me"]}, "user"),
         (COMPLETIONS, {"prompt": "x", "stream": 1}, "stream"),
-        (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        (COMPLETIONS, {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+         "stream_options.include_usage"),
+        (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),  # needs stream
         (CHAT, {"messages": MESSAGES, "max_completion_tokens": -1}, "max_completion_tokens"),
         (CHAT, {"messages": MESSAGES, "max_completion_tokens": 2 ** 70}, "max_completion_tokens"),
         (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -128,19 +128,18 @@ def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) 
         raise OpenAIError(f"unknown field(s) {', '.join(repr(u) for u in unknown)}", unknown[0], code="unknown_field")
     for name in ("model", "user"):
         _optional_text(body, name)
-    model = body.get("model")
     stream = _optional_bool(body, "stream") or False
     include_usage = continuous_usage = False
     options = body.get("stream_options")
-    if options is not None:  # its fields' types first: a malformed field is named whatever stream says
+    if options is not None:
+        if not stream:
+            raise OpenAIError("stream_options can only be given with stream: true", "stream_options")
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
             raise OpenAIError("stream_options must be an object with only 'include_usage' and "
                               "'continuous_usage_stats'", "stream_options")
         include_usage = bool(_optional_bool(options, "include_usage", "stream_options.include_usage"))
         continuous_usage = bool(_optional_bool(options, "continuous_usage_stats",
                                                "stream_options.continuous_usage_stats"))
-        if not stream:
-            raise OpenAIError("stream_options can only be given with stream: true", "stream_options")
     use_beam_search = bool(_optional_bool(body, "use_beam_search"))
     if use_beam_search and stream:
         raise OpenAIError("use_beam_search cannot stream yet: send stream: false", "use_beam_search",
@@ -201,7 +200,7 @@ def parse_request(kind: str, body: Any, defaults: dict[str, Any] | None = None) 
         if name and param != name:  # say it as the body said it (max_completion_tokens, top_logprobs)
             message = message.replace(f"SamplingParams: {name} ", f"SamplingParams: {param} ", 1)
         raise OpenAIError(message, param) from None
-    return OpenAIRequest(kind, params, prompts, model, stream, include_usage, echo=echo,
+    return OpenAIRequest(kind, params, prompts, body.get("model"), stream, include_usage, echo=echo,
                          return_token_ids=return_token_ids, chat_options=chat_options,
                          use_beam_search=use_beam_search, length_penalty=float(length_penalty),
                          continuous_usage=include_usage and continuous_usage,

@@ -181,7 +181,7 @@ def build_app(engine_loop: EngineLoop, served_model_names: list[str], *, api_key
                               None, status=429, type="rate_limit_error", code="rate_limit_exceeded")
         request_id = new_id(kind)
         try:
-            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.beam_search_params(p, current.max_model_len)
+            handle = engine_loop.submit([(f"{request_id}-{i}", p, parsed.beam_search_params(p, max_model_len)
                                           if parsed.use_beam_search else parsed.params)
                                          for i, p in enumerate(prompts)], stream=parsed.stream)
         except EngineDead as err:

@@ -1,7 +1,7 @@
 """Fused mixture-of-experts in Triton: routing, sorting tokens by expert, and the experts' MLPs as
 two grouped GEMMs over stacked weights (w13: [E, 2I, H], w2: [E, H, I]).
 
-1. `route`: softmax over the router logits, top k, renormalised (one program per token).
+1. `route`: softmax over the router logits, top k by logit, renormalised (one program per token).
 2. Align: the T*k (token, choice) entries are sorted by expert into `sorted_ids`, each expert's
    run padded to a multiple of BLOCK_M with the sentinel T*k, and each BLOCK_M-row block is
    labelled with its expert (count per entry block, one scan, place; stable order).
@@ -14,6 +14,12 @@ padded total exit at once. Every buffer is sized from T alone (the worst case: e
 padded by BLOCK_M - 1) and nothing is read back to the host, so decode steps capture in CUDA
 graphs. Rounding follows forkserve/model/moe.py's reference (the model dtype after each GEMM and
 the activation, as HF rounds). The design follows the fused-MoE kernels of vLLM and SGLang.
+
+Triton compiles a kernel once per specialisation: its constexprs, and for each int argument
+whether it is 1 or a multiple of 16. The sizes that vary with T (entries, blocks) are therefore
+`do_not_specialize`, so a kernel's configurations are only the tile rows `_block_m` picks
+(TILE_ROWS), and `warm_up` compiles them all at start-up: a configuration first met by a step
+held that prefill step on the H200 ~1.4 s in JIT compile.
 """
 from __future__ import annotations
 
@@ -27,19 +33,20 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, TOP_K: tl.const
                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
-    logits = tl.load(logits_ptr + token * num_experts + experts, mask=experts < num_experts,
-                     other=-float("inf")).to(tl.float32)
+    available = experts < num_experts
+    logits = tl.load(logits_ptr + token * num_experts + experts, mask=available, other=-float("inf")).to(tl.float32)
     probs = tl.exp(logits - tl.max(logits, axis=0))
-    probs = tl.where(experts < num_experts, probs / tl.sum(probs, axis=0), -1.0)
+    probs = probs / tl.sum(probs, axis=0)
     slots = tl.arange(0, BLOCK_K)
     chosen = tl.zeros([BLOCK_K], dtype=tl.float32)
     chosen_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):  # the largest first; ties to the lower expert id, as torch.topk
-        best = tl.max(probs, axis=0)
-        index = tl.min(tl.where(probs == best, experts, BLOCK_E), axis=0)
-        chosen = tl.where(slots == k, best, chosen)
+    for k in tl.static_range(TOP_K):  # by logit, the largest first; ties to the lower expert id
+        best = tl.max(tl.where(available, logits, -float("inf")), axis=0)
+        index = tl.min(tl.where(available & (logits == best), experts, BLOCK_E), axis=0)
+        index = tl.minimum(index, num_experts - 1)  # a NaN row must not name an expert past the last
+        chosen = tl.where(slots == k, tl.sum(tl.where(experts == index, probs, 0.0), axis=0), chosen)
         chosen_ids = tl.where(slots == k, index, chosen_ids)
-        probs = tl.where(experts == index, -1.0, probs)
+        available = available & (experts != index)
     if RENORMALISE:
         chosen = chosen / tl.sum(chosen, axis=0)
     tl.store(weights_ptr + token * TOP_K + slots, chosen, mask=slots < TOP_K)
@@ -66,7 +73,7 @@ def _one_hot(ids_ptr, block, num_entries, num_experts, BLOCK_N: tl.constexpr, BL
     return entries, ids, (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_entries"])
 def _count_kernel(ids_ptr, counts_ptr, num_entries, num_experts, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     block = tl.program_id(0)
     _, _, one_hot = _one_hot(ids_ptr, block, num_entries, num_experts, BLOCK_N, BLOCK_E)
@@ -74,7 +81,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_entries, num_experts, BLOCK_N: tl.con
     tl.store(counts_ptr + block * num_experts + experts, tl.sum(one_hot, axis=0), mask=experts < num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks", "num_entries", "num_m_blocks"])
 def _scan_kernel(counts_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr, num_blocks, num_experts,
                  num_entries, num_m_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
     """One program: each expert's padded run, each entry block's start within it (written over
@@ -108,7 +115,7 @@ def _scan_kernel(counts_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr, 
     tl.store(num_padded_ptr, tl.sum(padded, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_entries"])
 def _place_kernel(ids_ptr, offsets_ptr, sorted_ids_ptr, num_entries, num_experts, BLOCK_N: tl.constexpr,
                   BLOCK_E: tl.constexpr):
     block = tl.program_id(0)
@@ -143,7 +150,7 @@ def align(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
     return sorted_ids, block_experts, num_padded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_entries", "num_m_blocks"])
 def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr, weights_ptr,
                         num_entries, n_out, k_in, stride_a, stride_we, stride_wn, stride_out, num_m_blocks,
                         TOP_K: tl.constexpr, GATE_UP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -203,18 +210,22 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_experts_ptr
 
 
 def _tiles(block_m: int, n_out: int, k_in: int, gate_up: bool) -> dict[str, int]:
-    """Tile sizes and warps for rows of block_m per tile: the gate-up GEMM keeps two accumulators,
-    so its tiles are half as wide."""
+    """Tile sizes, warps and pipeline stages for rows of block_m per tile: the gate-up GEMM keeps
+    two accumulators, so its tiles are half as wide. (scripts/moe_probe.py --configs sweeps them.)"""
     block_n = 64 if block_m < 64 or gate_up else 128
     return dict(BLOCK_M=block_m, BLOCK_N=min(block_n, max(16, triton.next_power_of_2(n_out))),
                 BLOCK_K=min(64, max(16, triton.next_power_of_2(k_in))), GROUP_M=1 if block_m < 64 else 8,
-                num_warps=4 if block_m < 64 else 8)
+                num_warps=4 if block_m < 64 else 8, num_stages=3)
+
+
+TILE_ROWS = (16, 32, 64)  # the rows per tile `_block_m` picks from
 
 
 def _block_m(entries_per_expert: float) -> int:
     """Rows per tile by rows per expert: small tiles for decode (little padding per expert),
     larger ones when experts receive many rows (prefill)."""
-    return 16 if entries_per_expert <= 16 else 32 if entries_per_expert <= 48 else 64
+    small, medium, large = TILE_ROWS
+    return small if entries_per_expert <= 16 else medium if entries_per_expert <= 48 else large
 
 
 def _expert_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
@@ -226,21 +237,22 @@ def _expert_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids
     grid = (num_m_blocks * triton.cdiv(n_out, tiles["BLOCK_N"]),)
     _expert_gemm_kernel[grid](a, w, out, sorted_ids, block_experts, num_padded, weights, out.shape[0], n_out, k_in,
                               a.stride(0), w.stride(0), w.stride(1), out.stride(0), num_m_blocks, TOP_K=top_k,
-                              GATE_UP=gate_up, IEEE=a.dtype == torch.float32, num_stages=3, **tiles)
+                              GATE_UP=gate_up, IEEE=a.dtype == torch.float32, **tiles)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """sum over k of weights[t, k] * expert experts[t, k]'s down(silu(gate) * up)(x[t]), for
     x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights: [T, k] fp32, experts: [T, k] int32;
-    written into `out` ([T, H], contiguous) when given."""
+    written into `out` ([T, H], contiguous) when given; `block_m` overrides the tile rows that
+    the rows per expert would pick (warm-up, tuning)."""
     tokens, top_k = experts.shape
     num_experts, intermediate = w13.shape[0], w2.shape[2]
     out = torch.empty_like(x) if out is None else out
     if tokens == 0:
         return out
     assert x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous() and out.is_contiguous()
-    block_m = _block_m(tokens * top_k / num_experts)
+    block_m = block_m or _block_m(tokens * top_k / num_experts)
     sorted_ids, block_experts, num_padded = align(experts, num_experts, block_m)
     entries = tokens * top_k
     act = torch.empty(entries, intermediate, dtype=x.dtype, device=x.device)
@@ -248,3 +260,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     y = torch.empty(entries, x.shape[1], dtype=x.dtype, device=x.device)
     _expert_gemm(act, w2, y, sorted_ids, block_experts, num_padded, weights.reshape(-1), top_k, False, block_m)
     return torch.sum(y.view(tokens, top_k, -1), dim=1, out=out)
+
+
+def warm_up(w13: torch.Tensor, w2: torch.Tensor, top_k: int, renormalise: bool) -> None:
+    """Route one token and run the fused MoE once per TILE_ROWS on these weights' shapes and
+    dtype: with no per-step size specialised on, these are every compile a run can need."""
+    num_experts, hidden = w13.shape[0], w13.shape[2]
+    x = torch.zeros(1, hidden, dtype=w13.dtype, device=w13.device)
+    weights, experts = route(torch.zeros(1, num_experts, dtype=w13.dtype, device=w13.device), top_k, renormalise)
+    for block_m in TILE_ROWS:
+        fused_moe(x, w13, w2, weights, experts, block_m=block_m)

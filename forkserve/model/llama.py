@@ -111,6 +111,13 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = _linear(c.hidden_size, c.vocab_size, False, dtype, device)
 
+    @torch.inference_mode()
+    def compile_kernels(self) -> None:
+        """Compile the JIT kernels whose configuration varies per step (the MoE blocks') at start-up."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.compile_kernels()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:

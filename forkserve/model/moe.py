@@ -15,10 +15,15 @@ from forkserve.kernels import gpu_kernels
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, k] fp32, expert ids [T, k] int32): softmax over experts in fp32, then the top
-    k, renormalised to sum 1 if `renormalise` (HF's routers, Qwen3-MoE and Mixtral alike)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
+    """(weights [T, k] fp32, expert ids [T, k] int32): softmax over experts in fp32, the top k,
+    renormalised to sum 1 if `renormalise` (HF's routers, Qwen3-MoE and Mixtral alike).
+
+    The top k are chosen by logit, ties to the lower expert id, exactly as the routing kernel
+    chooses: softmax keeps the order, but two softmax implementations round differently and can
+    round distinct logits to equal probabilities, and torch.topk breaks ties as it likes."""
+    logits = router_logits.float()
+    experts = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    weights = torch.softmax(logits, dim=-1).gather(-1, experts)
     if renormalise:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts.to(torch.int32)
@@ -61,6 +66,13 @@ class SparseMoE(nn.Module):
                                             device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device),
                                requires_grad=False)
+
+    def compile_kernels(self) -> None:
+        """Compile every configuration of the fused kernels now (where they apply), so that no
+        step waits on a JIT compile."""
+        kernels = gpu_kernels("moe", self.w13)
+        if kernels is not None:
+            kernels.warm_up(self.w13, self.w2, self.top_k, self.renormalise)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output for tokens x: [T, H], written into `out` when given."""

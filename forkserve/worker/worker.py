@@ -45,6 +45,7 @@ class Worker:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format)
+        self.model.compile_kernels()
         self.max_levels = max_levels
         self.step_memory: StepMemory | None = None  # the profile steps' peaks, where they sized the pool
         backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
