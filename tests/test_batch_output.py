@@ -18,8 +18,9 @@ import pytest
 from forkserve.cli import main
 from forkserve.config import EngineConfig
 from forkserve.engine.engine import Engine
-from forkserve.entrypoints import batch_runner
-from forkserve.entrypoints.batch_runner import MALFORMED, BatchRunner, OutputUnusable, compact_output
+from forkserve.entrypoints import batch_output, batch_runner
+from forkserve.entrypoints.batch_output import OutputUnusable, compact_output
+from forkserve.entrypoints.batch_runner import MALFORMED, BatchRunner
 
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-num-seqs", "2", "--num-gpu-blocks-override", "256"]
 
@@ -105,7 +106,7 @@ def test_full_disk_mid_run_is_a_clear_error_and_resumes(model_dir: str, tmp_path
         writes.append(fd)
         return real_write(fd, data)
 
-    monkeypatch.setattr(batch_runner.os, "write", filling_write)
+    monkeypatch.setattr(batch_output.os, "write", filling_write)
     assert run_cli(model_dir, inp, out) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "rerun" in err and "Traceback" not in err
@@ -147,7 +148,7 @@ def test_a_kill_before_compaction_leaves_the_later_record_counting(tmp_path: Pat
     other = {**old, "custom_id": "b", "fingerprint": fingerprints["b"]}
     new = {**old, "id": "batch_req_2", "fingerprint": fingerprints["a"], "error": {"code": "x", "message": "new"}}
     out.write_text("".join(json.dumps(r) + "\n" for r in (old, other, new)))
-    recovered = batch_runner.recover_output(out)
+    recovered = batch_output.recover_output(out)
     assert recovered.answered == {"a": fingerprints["a"], "b": fingerprints["b"]} and recovered.num_records == 3
     with BatchRunner(inp, out) as runner:
         assert runner.remaining == 0

@@ -18,7 +18,8 @@ from forkserve import LLM, SamplingParams
 from forkserve.cli import main
 from forkserve.config import EngineConfig
 from forkserve.engine.engine import Engine
-from forkserve.entrypoints.batch_runner import MALFORMED, BatchRunner, recover_output
+from forkserve.entrypoints.batch_output import recover_output
+from forkserve.entrypoints.batch_runner import MALFORMED, BatchRunner
 
 SYSTEM = "You are a helpful assistant. Answer briefly and clearly. " * 3
 QUESTIONS = ["what is the capital of France?", "how many days are in a week?", "why is the sky blue?",
