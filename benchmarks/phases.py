@@ -55,7 +55,7 @@ PHASES: list[tuple[object, str]] = [
     (Scheduler, "schedule"), (BatchSharing, "order"), (StepBuilder, "build"), (BatchSharing, "sharing"),
     (ModelRunner, "launch"), (runner_module, "build_metadata"), (CascadePlanner, "plan"), (FlashInferBackend, "prepare"), (FlashInferBackend, "_staged_plan"),
     (LlamaForCausalLM, "forward"), (LlamaForCausalLM, "compute_logits"), (DecodeGraphs, "run"), (Sampler, "draw"),
-    (Draws, "copy_to_host"), (Draws, "to_host"), (runner_module, "to_device"), (Engine, "_resolve"),
+    (Draws, "copy_to_host"), (Draws, "to_host"), (runner_module, "to_device"), (Engine, "_resolve_in_flight"),
     (Engine, "_advance"),
 ]
 

@@ -49,6 +49,7 @@ for step in "$@"; do
         tests|tests:*)
             select=${step#tests}
             python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_gpu.py ${select:+-k "${select#:}"} 2>&1 \
+                | tee "$out/tests.log" \
                 | tail -25 ;;
         bench:*)
             IFS=: read -r _ workloads engine <<< "$step"

@@ -103,3 +103,12 @@ def test_extraction_on_the_padded_tokenizer_gives_valid_objects(tmp_path: Path) 
         assert ids[-1] in (32001, 32009)
         text = b"".join(token_bytes[t] for t in ids[:-1]).decode("utf-8", "surrogatepass")
         jsonschema.validate(json.loads(text, strict=False), workload.schema)
+
+
+def test_phases_tool_times_methods_that_exist() -> None:
+    """benchmarks/phases.py wraps methods by name: a renamed one would break the GPU run, not CI."""
+    from benchmarks import phases
+
+    missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in phases.PHASES
+               if not callable(getattr(owner, name, None))]
+    assert not missing, missing

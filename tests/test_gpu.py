@@ -261,7 +261,7 @@ def test_moe_start_up_leaves_no_compile_to_a_step(tiny_model_factory) -> None:  
 
     llm = LLM(str(tiny_model_factory("qwen3_moe", head_dim=64)), device="cuda", dtype="bfloat16", max_model_len=512,
               num_gpu_blocks_override=64, max_num_seqs=16)
-    block = next(layer.mlp for layer in llm.engine.model.layers if isinstance(layer.mlp, moe.SparseMoE))
+    block = next(layer.mlp for layer in llm.engine.worker.model.layers if isinstance(layer.mlp, moe.SparseMoE))
     jitted = [kernels._route_kernel, kernels._count_kernel, kernels._scan_kernel, kernels._place_kernel,
               kernels._expert_gemm_kernel]
 
@@ -289,18 +289,18 @@ def first_router_near_ties(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> dict[st
     beyond NEAR_TIE. Prompt rows before the last are not counted: a swap there reaches the logits
     only through attention, diluted over the prompt (and with ~1% of rows per layer near a tie,
     nearly every prompt has one)."""
-    runner, first = llm.engine.runner, {}
+    steps, first = llm.engine.steps, {}
     rows: list[tuple[str, int] | None] = []  # the step's rows: (request id, output index) where a row samples
-    forward, route = runner._forward, moe.route
+    build, route = steps.build, moe.route
 
-    def recording_forward(batch, previous):  # noqa: ANN001, ANN202
-        rows.clear()
+    def recording_build(batch, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        rows.clear()  # each plan is run (its forward queued) before the next is built
         for item in batch:
             seq = item.seq
             for position in range(seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens):
                 index = position - (seq.num_prompt_tokens - 1)
                 rows.append((seq.request.request_id, index) if index >= 0 else None)
-        return forward(batch, previous)
+        return build(batch, *args, **kwargs)
 
     def recording_route(logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         assert len(rows) == logits.shape[0], "router rows are not the step's rows"
@@ -311,7 +311,7 @@ def first_router_near_ties(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> dict[st
                 first[request] = min(first.get(request, index), index)
         return route(logits, top_k, renormalise)
 
-    monkeypatch.setattr(runner, "_forward", recording_forward)
+    monkeypatch.setattr(steps, "build", recording_build)
     monkeypatch.setattr(moe, "route", recording_route)
     return first
 

@@ -48,6 +48,7 @@ class Worker:
         self.model.compile_kernels()
         self.max_levels = max_levels
         self.step_memory: StepMemory | None = None  # the profile steps' peaks, where they sized the pool
+        self.attention_backend = self._choose_backend()
         backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
         sampler = Sampler(config.seed, self.device)
         self.kv_cache = self._make_kv_cache(sampler)
@@ -108,15 +109,27 @@ class Worker:
                                                                     self.max_levels, mc.num_heads, mc.head_dim)
         return kv_pool_bytes(self.device, cfg.gpu_memory_utilization, steps.eager_peak, graphs)
 
-    def _make_backend(self) -> AttentionBackend:
-        """FlashInfer on a GPU, the pure-torch reference elsewhere (or when asked for)."""
+    def _choose_backend(self) -> str:
+        """'auto' is FlashInfer where its kernels exist (CUDA, fp16/bf16, head_dim 64/128/256),
+        else the pure-torch reference (e.g. fp32 checks on a GPU), said once in the log."""
         choice = self.config.attention_backend
-        if choice == "auto":
-            choice = "flashinfer" if self.device.type == "cuda" else "reference"
-        if choice == "reference":
-            return ReferenceBackend()
+        if choice != "auto":
+            if choice == "flashinfer" and self.device.type != "cuda":
+                raise ValueError(f"attention_backend={choice!r} needs a CUDA device, got {self.device}")
+            return choice
         if self.device.type != "cuda":
-            raise ValueError(f"attention_backend={choice!r} needs a CUDA device, got {self.device}")
+            return "reference"
+        head_dim = self.model_config.head_dim
+        if self.dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128, 256):
+            logger.info("attention: the reference backend (FlashInfer's kernels take fp16/bf16 and head_dim "
+                        "64/128/256; this model runs %s with head_dim %d)", self.dtype, head_dim)
+            return "reference"
+        return "flashinfer"
+
+    def _make_backend(self) -> AttentionBackend:
+        """FlashInfer or the pure-torch reference, as `_choose_backend` decided."""
+        if self.attention_backend == "reference":
+            return ReferenceBackend()
         mc = self.model_config
         return FlashInferBackend(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
                                  self.max_levels)
@@ -139,5 +152,4 @@ class Worker:
 
     def _uses_graphs(self) -> bool:
         """Decode steps replay CUDA graphs with FlashInfer on a GPU, unless enforce_eager."""
-        return not self.config.enforce_eager and self.device.type == "cuda" and \
-            self.config.attention_backend != "reference"
+        return not self.config.enforce_eager and self.attention_backend == "flashinfer"
