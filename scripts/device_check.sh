@@ -5,6 +5,7 @@
 #   tests[:EXPR]                   the GPU test suite (tests/test_gpu.py), or its tests matching pytest -k EXPR
 #   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the model shape
 #                                  (engine arguments: $ENGINE_ARGS, JSON, default the runs' max_num_seqs 1024, 16K tokens)
+#   baseline:WORKLOADS             forkserve bench of the older tree in .baseline/ (before/after in one call)
 #   profile:ARGS                   python -m benchmarks.profile .shared/$MODEL_SHAPE ARGS (ARGS space-separated)
 #   phases:ARGS                    python -m benchmarks.phases .shared/$MODEL_SHAPE ARGS (host time per step phase)
 #   probe[:PARTS]                  python scripts/attention_probe.py [PARTS, comma-separated: own,level,triton,gemm]
@@ -37,6 +38,9 @@ if [ -f .fi-cache/flashinfer.tar.xz.00 ] && [ ! -d /tmp/fibase/.cache/flashinfer
     cat .fi-cache/flashinfer.tar.xz.* | xz -d | tar -xf - -C /tmp/fibase/.cache
 fi
 [ -d /tmp/vsite ] && export FORKSERVE_VLLM_PATH=/tmp/vsite
+# WITH_VSITE=1: the project's own runs also import the packages of vLLM's bundle that .wheels lacks (xgrammar,
+# pydantic, jsonschema for structured outputs), after /tmp/site so that .wheels' FlashInfer comes first
+[ -d /tmp/vsite ] && [ -n "${WITH_VSITE:-}" ] && export PYTHONPATH=$PYTHONPATH:/tmp/vsite
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 save_jit_cache() {
     tar -cf - -C /tmp/fibase/.cache flashinfer $(cd /tmp/fibase/.cache && ls -d triton 2>/dev/null) \
@@ -57,6 +61,12 @@ for step in "$@"; do
                 --engine "${engine:-forkserve}" --workloads "$workloads" --out "$out" \
                 --engine-args "${ENGINE_ARGS:-$default_engine_args}" 2>&1 \
                 | awk '!/ INFO / || /KV cache size|Maximum concurrency|KV pool/' | tee -a "$out/bench.log" ;;
+        baseline:*)
+            # the same bench from an older tree in .baseline/ (e.g. `git archive 356ab52 forkserve | tar -x -C
+            # .baseline`), in this call, for before/after on one machine
+            (cd .baseline && PYTHONPATH=/tmp/site:$PWD timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench \
+                --model-config "../$shape" --engine forkserve --workloads "${step#baseline:}" --out "$out/baseline" \
+                --engine-args "${ENGINE_ARGS:-$default_engine_args}" 2>&1 | grep RESULT | tee -a "$out/bench.log") ;;
         profile:*)
             # shellcheck disable=SC2086
             timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.profile "$shape" ${step#profile:} \
