@@ -169,6 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     from forkserve.api import LLM
 
+    torch.set_num_threads(1)  # the host's work is one thread; a shared machine's other cores stay out of it
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(MODEL_CONFIG))
         llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True, device="cpu", dtype="float32",
