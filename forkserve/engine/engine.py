@@ -77,8 +77,7 @@ class Engine:
     def get_tokenizer(self):  # vLLM's `LLMEngine.get_tokenizer`
         return self.tokenizer
 
-    def reset_prefix_cache(self) -> bool:
-        """Drop every cached page no sequence holds (vLLM's reset_prefix_cache); True when none is left."""
+    def reset_prefix_cache(self) -> bool:  # vLLM's: drop every cached page no sequence holds; True when none is left
         self.tree.evict(self.tree.num_evictable_pages)
         return self.tree.num_evictable_pages == 0
 
@@ -150,6 +149,9 @@ class Engine:
                 raise RuntimeError(f"{what}: waiting on sequences but the engine has nothing to run")
             self.step()
 
+    def extend(self, seq: Sequence, tokens: Seq[int]) -> None:  # a held branch takes chosen tokens (beam search)
+        seq.token_ids.extend(tokens)
+
     def release(self, seq: Sequence) -> None:
         self.scheduler.abort(seq, forget=True)  # now, pages only it held included (a pruned branch)
 
@@ -164,12 +166,11 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-    def prioritize_cached(self) -> None:
-        """Order the waiting queue by longest cached prefix, with ageing (a server, after arrivals)."""
+
+    def prioritize_cached(self) -> None:  # waiting queue by longest cached prefix, with ageing (a server)
         self.scheduler.prioritize_cached()
 
-    def serve_arrivals(self) -> None:
-        """Requests arrive over time (a server): each step is shared among them (scheduler.fair)."""
+    def serve_arrivals(self) -> None:  # requests arrive over time (a server): steps shared among them
         self.scheduler.fair = True
 
     def reset_after_fault(self) -> bool:
@@ -184,8 +185,7 @@ class Engine:
         request = self.requests.get(request_id)
         return None if request is None else request_progress(request)
 
-    def metrics(self) -> dict[str, int]:
-        """Live figures for a server's /metrics: requests running and unfinished, KV pages by use."""
+    def metrics(self) -> dict[str, int]:  # live figures for /metrics: requests, KV pages by use
         return live_metrics(self.requests.values(), self.pool, self.tree)
 
     def peek_output(self, request_id: str) -> RequestOutput | None:
