@@ -102,3 +102,10 @@ def test_no_import_cycle_among_packages() -> None:
         if start not in state:
             visit(start, [start])
     assert not cycles, f"import cycles among packages: {cycles}"
+
+
+def test_engine_core_and_package_files_stay_small() -> None:
+    """The step loop stays one readable file (under 300 lines) and no package file grows past 450."""
+    lines = {path.relative_to(PACKAGE).as_posix(): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert lines["engine/engine.py"] < 300, lines["engine/engine.py"]
+    assert not {path: n for path, n in lines.items() if n > 450}

@@ -74,27 +74,23 @@ class Engine:
                     self.max_model_len)
 
     # ----------------------------------------------------------------------------- requests
-    def get_tokenizer(self):
-        """The engine's tokenizer (vLLM's `LLMEngine.get_tokenizer`)."""
+    def get_tokenizer(self):  # vLLM's `LLMEngine.get_tokenizer`
         return self.tokenizer
 
-    def reset_prefix_cache(self) -> bool:
-        """Drop every cached page no sequence holds (vLLM's reset_prefix_cache); True when none is left."""
+    def reset_prefix_cache(self) -> bool:  # vLLM's: drop every cached page no sequence holds; True when none is left
         self.tree.evict(self.tree.num_evictable_pages)
         return self.tree.num_evictable_pages == 0
 
     def add_request(self, request_id: str, prompt: PromptInput | str | dict, params: SamplingParams) -> Request:
-        """Enqueue a request: one sequence, which forks into the samples at its first draw. A prompt
-        not yet validated (text or a prompt dict, as vLLM's `LLMEngine.add_request` takes) is
-        validated here, with its params."""
+        """Enqueue a request (forking into its samples at its first draw); a prompt not yet validated
+        (text or a prompt dict, as vLLM's `LLMEngine.add_request` takes) is validated here."""
         if not isinstance(prompt, PromptInput):
             label = f"request {request_id}"
             prompt = self.make_prompt(prompt, label, self.check_params(params, label).truncate_prompt_tokens)
         return self.add_requests([(request_id, prompt, params)])[0]
 
     def add_requests(self, batch: Seq[tuple[str, PromptInput, SamplingParams]]) -> list[Request]:
-        """Enqueue validated requests as one batch: the planner orders them so that every prefix
-        they share is prefilled once (planner.py). Nothing is queued if an id is taken."""
+        """Enqueue validated requests as one planned batch (planner.py); none if an id is taken."""
         seen: set[str] = set()
         for request_id, prompt, params in batch:
             if request_id in self.requests or request_id in seen:
@@ -115,8 +111,7 @@ class Engine:
 
     def new_request(self, request_id: str, prompt: PromptInput, params: SamplingParams, num_samples: int = 1,
                     hold: bool = False) -> Request:
-        """A request with its first sequence, not queued (with hold: a search root, held with nothing
-        computed, which runs when probed or forked)."""
+        """A request with its first sequence, not queued (hold: a search root, run when probed or forked)."""
         self.counters.prompt_tokens += len(prompt.token_ids)
         bad_words = self.inputs.bad_words_token_ids(params.bad_words) if params.bad_words else []
         return Request.start(request_id, prompt.text, prompt.token_ids, params, next(self._seq_ids), num_samples,
@@ -154,9 +149,11 @@ class Engine:
                 raise RuntimeError(f"{what}: waiting on sequences but the engine has nothing to run")
             self.step()
 
+    def extend(self, seq: Sequence, tokens: Seq[int]) -> None:  # a held branch takes chosen tokens (beam search)
+        seq.token_ids.extend(tokens)
+
     def release(self, seq: Sequence) -> None:
-        """Stop seq and free its pages now, pages only it held included (a pruned branch)."""
-        self.scheduler.abort(seq, forget=True)
+        self.scheduler.abort(seq, forget=True)  # now, pages only it held included (a pruned branch)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its pages; unknown or finished ids are ignored."""
@@ -170,35 +167,40 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def prioritize_cached(self) -> None:
-        """Order the waiting queue by longest cached prefix, with ageing (a server, after arrivals)."""
+    def prioritize_cached(self) -> None:  # waiting queue by longest cached prefix, with ageing (a server)
         self.scheduler.prioritize_cached()
+
+    def serve_arrivals(self) -> None:  # requests arrive over time (a server): steps shared among them
+        self.scheduler.fair = True
+
+    def reset_after_fault(self) -> bool:
+        """Drop the queued step unread and abort every request; False if sequences are still scheduled."""
+        self._in_flight = None
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        return not self.scheduler.has_work() and not self.requests
 
     def progress(self, request_id: str) -> tuple[bool, int] | None:
         """Whether an unfinished request has started (left the waiting queue), and its output tokens so far."""
         request = self.requests.get(request_id)
         return None if request is None else request_progress(request)
 
-    def metrics(self) -> dict[str, int]:
-        """Live figures for a server's /metrics: requests running and unfinished, KV pages by use."""
+    def metrics(self) -> dict[str, int]:  # live figures for /metrics: requests, KV pages by use
         return live_metrics(self.requests.values(), self.pool, self.tree)
 
     def peek_output(self, request_id: str) -> RequestOutput | None:
-        """A snapshot of an unfinished request (tokens, text, logprobs so far; a streaming server diffs
-        them), None when unknown or returned. Between steps, on the engine's thread; costs the new tokens."""
+        """An unfinished request so far (a streaming server diffs them), None when unknown; between steps."""
         request = self.requests.get(request_id)
         return None if request is None else self.outputs.snapshot(request)
 
     # ----------------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of requests that finished in it (or, with async
-        scheduling, in the step before it, whose tokens are read once this one is queued)."""
+        """Run one batch; the outputs of requests that finished in it (async scheduling: in the step before)."""
         finished = self._admit_compiled() if self.structured.compiling else []
         return finished + self._step()
 
     def _admit_compiled(self) -> list[RequestOutput]:
-        """Queue the requests whose grammars compiled, as one batch (waiting for one if nothing
-        else can run); those whose compile failed end with finish_reason "abort"."""
+        """Queue the requests whose grammars compiled (those that failed end with finish_reason "abort")."""
         ready, failed = self.structured.compiled(idle=not self.scheduler.has_work() and self._in_flight is None)
         self._enqueue(ready)
         return self._finished_outputs([request.seqs[0] for request in failed])
@@ -290,10 +292,8 @@ class Engine:
         """Pages held by sequences, held branches or pins: all but the free and the idle cached ones."""
         return self.pool.num_pages - self.pool.num_free - self.tree.num_evictable_pages
 
-    def stats(self) -> dict[str, int | float]:
-        """Totals since start (see `stats.engine_stats`)."""
+    def stats(self) -> dict[str, int | float]:  # totals since start (stats.engine_stats)
         return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use, self.worker.stats())
 
-    def pages_in_use_series(self) -> list[int]:
-        """Pages in use at the start of each of the last (up to 65,536) steps, oldest first."""
+    def pages_in_use_series(self) -> list[int]:  # at the start of each of the last (up to 65,536) steps
         return list(self.counters.pages_series)

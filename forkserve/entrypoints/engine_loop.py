@@ -64,7 +64,7 @@ class EngineDead(RuntimeError):
 
 def _serving(engine: Engine) -> Engine:
     """Requests arrive over time here: the scheduler shares each step between them (scheduler.py)."""
-    engine.scheduler.fair = True
+    engine.serve_arrivals()
     return engine
 
 

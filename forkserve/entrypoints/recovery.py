@@ -21,13 +21,6 @@ class EngineUnrecoverable(RuntimeError):
 
 def reset_engine(engine: Engine) -> None:
     """Abort every request and clear the in-flight step; raise EngineUnrecoverable if work is left."""
-    # The queued step's draws belong to requests about to be aborted, and reading them may be
-    # what failed: it is dropped unread.
-    engine._in_flight = None
-    for request_id in list(engine.requests):
-        engine.abort_request(request_id)
-    scheduler = engine.scheduler
-    left = len(scheduler.running) + len(scheduler.waiting) + scheduler.planner.num_parked
-    if left or engine.requests:
-        raise EngineUnrecoverable(f"after aborting every request, {left} sequences are still scheduled")
+    if not engine.reset_after_fault():
+        raise EngineUnrecoverable("after aborting every request, sequences are still scheduled")
     logger.warning("the engine was reset after a fault: every unfinished request was aborted")

@@ -116,7 +116,7 @@ class BeamGroup:
                 continue
             seqs = [beam.seq] + self.engine.fork(beam.seq, len(chosen) - 1)
             for seq, candidate in zip(seqs, chosen):
-                seq.token_ids.append(candidate.token)
+                self.engine.extend(seq, [candidate.token])
                 seq.cumulative_logprob = candidate.logprob
                 seq_of[id(candidate)] = seq
         for beam in self.beams:
