@@ -101,9 +101,10 @@ def partition(layout: PrefixLayout, decode_tokens: np.ndarray, num_replicas: int
     cost = layout.unique_tokens.astype(np.float64) + decode_weight * np.asarray(decode_tokens, np.float64)[layout.order]
     prefix = np.concatenate([[0.0], np.cumsum(cost)])
     share = prefix[-1] / num_replicas
+    group_starts = np.flatnonzero(shared == 0)
     cuts = [0]
     for k in range(1, num_replicas):
-        cuts.append(_best_cut(prefix, shared, k * share, tolerance * share, cuts[-1], n))
+        cuts.append(_best_cut(prefix, shared, group_starts, k * share, tolerance * share, cuts[-1], n))
     cuts.append(n)
 
     units: list[list[list[int]]] = []
@@ -123,16 +124,29 @@ def partition(layout: PrefixLayout, decode_tokens: np.ndarray, num_replicas: int
     return Partition(units, unit_costs, loads, duplicated, int(layout.unique_tokens.sum()))
 
 
-def _best_cut(prefix: np.ndarray, shared: np.ndarray, ideal: float, slack: float, previous: int, n: int) -> int:
+def _best_cut(prefix: np.ndarray, shared: np.ndarray, group_starts: np.ndarray, ideal: float, slack: float,
+              previous: int, n: int) -> int:
     """The cut position (a segment starts there) within `slack` of `ideal` cost that splits the
-    fewest shared tokens, the closest to `ideal` among those; positions stay non-decreasing."""
+    fewest shared tokens, the closest to `ideal` among those; positions stay non-decreasing.
+
+    When that splits a group (d tokens computed again), the nearest group boundary outside the
+    window is taken instead if it is off `ideal` by no more than d: moving the cut shifts at
+    most that much work between two replicas, while the split adds d of pure repetition."""
     lo = max(int(np.searchsorted(prefix, ideal - slack, side="left")), previous + 1)
     hi = min(int(np.searchsorted(prefix, ideal + slack, side="right")), n)
     if lo >= hi:  # one request is larger than the window: cut next to it
         return min(max(int(np.searchsorted(prefix, ideal)), previous + 1), n) if previous < n else n
     window = shared[lo:hi]
     candidates = lo + np.flatnonzero(window == window.min())
-    return int(candidates[np.argmin(np.abs(prefix[candidates] - ideal))])
+    best = int(candidates[np.argmin(np.abs(prefix[candidates] - ideal))])
+    if shared[best] > 0:
+        k = int(np.searchsorted(group_starts, best))
+        near = [int(g) for g in group_starts[max(k - 1, 0):k + 1] if previous < g < n]
+        if near:
+            boundary = min(near, key=lambda g: abs(prefix[g] - ideal))
+            if abs(prefix[boundary] - ideal) <= shared[best]:
+                return boundary
+    return best
 
 
 def _unit_bounds(prefix: np.ndarray, shared: np.ndarray, start: int, stop: int, min_cost: float) -> list[int]:
