@@ -83,7 +83,10 @@ def test_generate_equals_one_engine_and_prefills_each_prefix_once(ray_cluster, m
 
 
 def test_run_batch_in_input_order_through_a_lost_replica(ray_cluster, model_dir: str, tmp_path: Path,
-                                                         caplog) -> None:
+                                                         caplog, monkeypatch) -> None:
+    from forkserve.scaleout import ray_replicas
+
+    monkeypatch.setattr(ray_replicas, "WAVE_FRACTION", 0.01)  # one unit per wave: replica 0 still has work when killed
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = batch_file(inp, 36, max_tokens=24)
     replicas = replica_set(LLM, model_dir, 2, KWARGS)
