@@ -30,15 +30,33 @@ class LLM:
     Keyword arguments are engine settings named as in vLLM (dtype, max_model_len, block_size,
     num_gpu_blocks_override, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed,
     gpu_memory_utilization, load_format, ...); see `forkserve.config.EngineConfig`.
+
+    `data_parallel_size=N` (vLLM's name) runs N engines as Ray actors (`pip install forkserve[ray]`;
+    a local Ray unless RAY_ADDRESS names a cluster) and plans each `generate` batch across them
+    by its prefix tree (forkserve/scaleout); the other methods need one engine.
     """
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
-        self.engine = Engine(EngineConfig.from_kwargs(str(model), **kwargs))
+    def __init__(self, model: str, data_parallel_size: int = 1, **kwargs: Any) -> None:
+        self.data_parallel = None
         self._request_counter = itertools.count()
+        if data_parallel_size != 1:
+            from forkserve.scaleout import data_parallel_llm
+
+            self.data_parallel = data_parallel_llm(LLM, str(model), data_parallel_size, kwargs)
+            self.engine = None
+            return
+        self.engine = Engine(EngineConfig.from_kwargs(str(model), **kwargs))
         self._tree_search = TreeSearch(self.engine)
 
     def get_tokenizer(self):
+        if self.data_parallel is not None:
+            return self.data_parallel.get_tokenizer()
         return self.engine.tokenizer
+
+    def _one_engine(self, what: str) -> None:
+        if self.data_parallel is not None:
+            raise ValueError(f"{what} runs on one engine: use data_parallel_size=1 for it "
+                             "(data parallelism covers generate)")
 
     @property
     def llm_engine(self) -> Engine:
@@ -48,14 +66,18 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's defaults, overridden by the checkpoint's generation_config.json (generation_config="auto")."""
+        if self.data_parallel is not None:
+            return self.data_parallel.default_sampling_params()
         return SamplingParams(**self.engine.default_sampling_overrides)
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache's idle pages (those no sequence holds); True when none is left."""
+        self._one_engine("reset_prefix_cache")
         return self.engine.reset_prefix_cache()
 
     def get_metrics(self) -> list[Metric]:
         """vLLM's metrics (`vllm:*` names, vllm.v1.metrics.reader's shapes) for this engine."""
+        self._one_engine("get_metrics")
         return engine_metrics(self.engine, self.engine.config.model)
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -72,6 +94,8 @@ class LLM:
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         _check_no_lora(lora_request)
         _check_priority(priority, len(prompt_list))
+        if self.data_parallel is not None:
+            return self.data_parallel.generate(prompt_list, sampling_params, use_tqdm)
         return self._run(lambda params: [self.engine.make_prompt(p, f"request {i}", params[i].truncate_prompt_tokens)
                                          for i, p in enumerate(prompt_list)],
                          len(prompt_list), sampling_params, use_tqdm)
@@ -85,6 +109,7 @@ class LLM:
              mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to each conversation (vLLM's arguments: a message's
         content may be a list of text parts, joined by newlines), then generate."""
+        self._one_engine("chat")
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
@@ -129,6 +154,7 @@ class LLM:
         time, as in vLLM); beams share pages through the prefix tree. `use_tqdm` is accepted
         for vLLM compatibility.
         """
+        self._one_engine("beam_search")
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"beam_search: params must be BeamSearchParams, got {type(params).__name__}")
         _check_no_lora(lora_request)
@@ -148,11 +174,13 @@ class LLM:
 
     def start(self, prompt: PromptType, params: SamplingParams | None = None) -> Node:
         """The root of a search tree (see `forkserve.search.tree`); `params` are its forks' default."""
+        self._one_engine("tree search")
         params = self._check_params(SamplingParams() if params is None else params, "start")
         return self._tree_search.start(self.engine.make_prompt(prompt, "start"), params)
 
     def advance(self, nodes: Sequence[Node] | None = None) -> None:
         """Generate the given pending tree-search nodes (default: all pending ones), batched together."""
+        self._one_engine("tree search")
         self._tree_search.advance(nodes)
 
     def _run(self, make_inputs: Callable[[list[SamplingParams]], list[PromptInput]], count: int,

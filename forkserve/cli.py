@@ -30,7 +30,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: no prompts: give --prompt TEXT (repeatable) or --input FILE", file=sys.stderr)
         return 2
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, data_parallel_size=args.data_parallel_size, **engine_kwargs(args))
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop,
                             logprobs=args.logprobs)

@@ -29,6 +29,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
                         help="'auto': sampling defaults from the model's generation_config.json; 'vllm': vLLM's "
                              "defaults; or a directory holding a generation_config.json")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="1 (more GPUs: not yet)")
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engines (replicas) on Ray that share the batch, planned by its prefix tree "
+                             "(generate and run-batch; needs forkserve[ray])")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 (more GPUs: not yet)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype; fp8: not yet)")
     parser.add_argument("--quantization", "-q", default=None, help="not supported yet")

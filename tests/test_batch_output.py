@@ -172,3 +172,26 @@ def test_empty_api_key_is_refused_at_start(model_dir: str, monkeypatch, capsys) 
     engine = Engine(EngineConfig.from_kwargs(model_dir, device="cpu", dtype="float32", num_gpu_blocks_override=256))
     with pytest.raises(ValueError, match="API key is empty"):
         build_app(EngineLoop(engine), ["tiny"], api_key=" ")
+
+
+def test_merge_parts_in_input_order_each_custom_id_once(tmp_path: Path) -> None:
+    """Replica part files fold into the output: input order, a part's record supersedes the
+    output's, a torn part tail is cut, strays go last, the parts are gone, and a repeat is a no-op."""
+    from forkserve.entrypoints.batch_output import merge_parts, parts_directory
+
+    def record(custom_id: str, text: str) -> bytes:
+        return (json.dumps({"custom_id": custom_id, "response": {"body": text}, "error": None}) + "\n").encode()
+
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(record("c", "old") + record("stray", "s"))
+    parts = parts_directory(out)
+    parts.mkdir()
+    (parts / "x-replica-0.jsonl").write_bytes(record("b", "b") + record("c", "new"))
+    (parts / "x-replica-1.jsonl").write_bytes(record("a", "a") + b'{"custom_id": "d", "resp')
+    assert merge_parts(out, ["a", "b", "c", "d"]) == 3
+    merged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["custom_id"], r["response"]["body"]) for r in merged] == [("a", "a"), ("b", "b"), ("c", "new"),
+                                                                         ("stray", "s")]
+    assert not parts.exists()
+    before = out.read_bytes()
+    assert merge_parts(out, ["a", "b", "c", "d"]) == 0 and out.read_bytes() == before

@@ -180,3 +180,54 @@ class ResultWriter:
 def _unwritable(path: Path, err: OSError) -> OutputUnusable:
     return OutputUnusable(f"cannot write results to {path}: {err.strerror or err}; the results written so far "
                           "are kept: fix that and rerun the same command to resume")
+
+
+def parts_directory(output: Path) -> Path:
+    """Where data-parallel replicas append their results (`<output>.parts/`) until the driver merges them."""
+    return output.with_name(output.name + ".parts")
+
+
+def merge_parts(output: Path, input_order: list[str]) -> int:
+    """Fold the replicas' part files into `output`, in input order, each custom_id once; returns
+    the records taken from the parts.
+
+    The parts are newer than the output, so a custom_id's record in a part supersedes the
+    output's (later part files, by name, supersede earlier ones). Records of custom_ids not in
+    `input_order` follow in the order read. The new output is written whole, fsynced and renamed
+    over the old one before the parts are deleted, so a kill at any moment loses nothing and a
+    rerun merges again to the same file. Torn last lines of parts (a replica killed mid-write) are
+    cut first. Holds the records in memory.
+    """
+    directory = parts_directory(output)
+    if not directory.is_dir():
+        return 0
+    parts = sorted(directory.glob("*.jsonl"))
+    records: dict[str, bytes] = {}
+    taken = 0
+    for i, path in enumerate([output, *parts]):
+        if not path.exists():
+            continue
+        recover_output(path)  # cuts a torn last line, refuses a file that is not results
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    custom_id = json.loads(raw)["custom_id"]
+                    records.pop(custom_id, None)  # re-inserted last: a superseding record keeps its place
+                    records[custom_id] = raw
+                    taken += i > 0
+    rank = {custom_id: k for k, custom_id in enumerate(input_order)}
+    ordered = sorted(records, key=lambda cid: rank.get(cid, len(rank)))
+    temporary = output.with_name(output.name + ".merging")
+    with open(temporary, "wb") as f:
+        f.write(b"".join(records[cid] for cid in ordered))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, output)
+    _fsync_directory(output.parent)
+    for path in parts:
+        path.unlink()
+    directory.rmdir()
+    _fsync_directory(output.parent)
+    if taken:
+        logger.info("%s: merged %d record(s) from %d replica part file(s)", output, taken, len(parts))
+    return taken

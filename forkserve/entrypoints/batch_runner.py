@@ -45,7 +45,7 @@ from typing import Any
 from tqdm import tqdm
 
 from forkserve.entrypoints.batch_output import (OutputLock, OutputUnusable, ResultWriter, _unwritable, compact_output,
-                                                drop_results, recover_output)
+                                                drop_results, merge_parts, recover_output)
 from forkserve.entrypoints.openai_protocol import (URLS, OpenAIError, OpenAIRequest, check_model, make_prompts,
                                                    new_id, parse_json, parse_request)
 from forkserve.entrypoints.openai_responses import response_body
@@ -222,6 +222,7 @@ class BatchRunner:
         self.lock = OutputLock(self.output_path)
         try:
             self.lines = read_batch_input(self.input_path)
+            merge_parts(self.output_path, [line.custom_id for line in self.lines])  # a data-parallel run's leftovers
             recovered = recover_output(self.output_path)
             answered = recovered.answered
             self._superseded = recovered.num_records > len(answered)  # an earlier run ended before compacting
@@ -306,10 +307,7 @@ class BatchRunner:
         try:
             with tqdm(total=len(self.lines), initial=self.skipped, desc="run-batch", unit="req",
                       disable=not use_tqdm, dynamic_ncols=True) as bar:
-                run = _Run(engine, writer, summary, bar, start, served_model_names)
-                jobs, errors = self._validate(engine, served_model_names)
-                run.write(errors, failed=len(errors))
-                run.all(jobs)
+                answer_lines(engine, self.todo, writer, summary, bar, served_model_names)
         finally:
             writer.close()
         self.compact()
@@ -318,33 +316,44 @@ class BatchRunner:
         logger.info("%s", describe(batch_summary(before, engine.stats(), engine.pages_in_use_series())))
         return summary
 
-    def _validate(self, engine: Any, served: list[str]) -> tuple[list[_Job], list[dict[str, Any]]]:
-        """Jobs for the valid lines, error records for the others."""
-        jobs, errors = [], []
-        for line in self.todo:
-            if line.error is not None:
-                errors.append(error_record(line.custom_id, *line.error, fingerprint=line.fingerprint))
-                continue
-            try:
-                request = parse_request(URLS[line.url], line.body, engine.default_sampling_overrides)
-                check_model(request, [*served, engine.config.model])
-                if request.stream:
-                    raise OpenAIError("stream is not supported in a batch", "stream", code="unsupported")
-                if request.use_beam_search:
-                    raise OpenAIError("use_beam_search is not supported in run-batch yet: serve the model and send "
-                                      "it there, or use LLM.beam_search", "use_beam_search", code="unsupported")
-                prompts = make_prompts(request, engine.tokenizer, engine)
-            except OpenAIError as err:
-                errors.append(error_record(line.custom_id, err.code or err.type, err.message, err.param,
-                                           line.fingerprint))
-                continue
-            except Exception as err:  # a body the checks did not foresee: still this line's error alone
-                logger.exception("%s: the request failed validation unexpectedly", line.custom_id)
-                errors.append(error_record(line.custom_id, "invalid_request", f"the request could not be read: "
-                                           f"{type(err).__name__}: {shown(str(err))}", None, line.fingerprint))
-                continue
-            jobs.append(_Job(line.custom_id, line.fingerprint, request, prompts))
-        return jobs, errors
+
+def validate_lines(lines: list[BatchLine], engine: Any, served: list[str]) -> tuple[list[_Job], list[dict[str, Any]]]:
+    """Jobs for the valid lines, error records for the others."""
+    jobs, errors = [], []
+    for line in lines:
+        if line.error is not None:
+            errors.append(error_record(line.custom_id, *line.error, fingerprint=line.fingerprint))
+            continue
+        try:
+            request = parse_request(URLS[line.url], line.body, engine.default_sampling_overrides)
+            check_model(request, [*served, engine.config.model])
+            if request.stream:
+                raise OpenAIError("stream is not supported in a batch", "stream", code="unsupported")
+            if request.use_beam_search:
+                raise OpenAIError("use_beam_search is not supported in run-batch yet: serve the model and send "
+                                  "it there, or use LLM.beam_search", "use_beam_search", code="unsupported")
+            prompts = make_prompts(request, engine.tokenizer, engine)
+        except OpenAIError as err:
+            errors.append(error_record(line.custom_id, err.code or err.type, err.message, err.param,
+                                       line.fingerprint))
+            continue
+        except Exception as err:  # a body the checks did not foresee: still this line's error alone
+            logger.exception("%s: the request failed validation unexpectedly", line.custom_id)
+            errors.append(error_record(line.custom_id, "invalid_request", f"the request could not be read: "
+                                       f"{type(err).__name__}: {shown(str(err))}", None, line.fingerprint))
+            continue
+        jobs.append(_Job(line.custom_id, line.fingerprint, request, prompts))
+    return jobs, errors
+
+
+def answer_lines(engine: Any, lines: list[BatchLine], writer: ResultWriter, summary: BatchSummary, bar: tqdm,
+                 served: list[str]) -> None:
+    """Validate `lines` and run the valid ones on `engine` as one batch, appending every line's
+    record to `writer` as it is known (a data-parallel replica runs its share through this too)."""
+    run = _Run(engine, writer, summary, bar, time.perf_counter(), served)
+    jobs, errors = validate_lines(lines, engine, served)
+    run.write(errors, failed=len(errors))
+    run.all(jobs)
 
 
 class _Run:

@@ -63,7 +63,10 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                             "and run again", runner.skipped, len(runner.lines), args.output, failed_hint,
                             runner.rerun)
             try:
-                runner.run(_build_engine(args), _served_names(args), use_tqdm=not args.no_progress)
+                if args.data_parallel_size != 1:
+                    _run_data_parallel(runner, args)
+                else:
+                    runner.run(_build_engine(args), _served_names(args), use_tqdm=not args.no_progress)
             except (EngineKeepsFailing, EngineUnrecoverable) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
@@ -72,6 +75,21 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                          "with --retry-failed", args.input, args.output)
             return 1
     return 0
+
+
+def _run_data_parallel(runner, args: argparse.Namespace) -> None:
+    """The remaining lines on --data-parallel-size Ray replicas (forkserve/scaleout)."""
+    from forkserve.api import LLM
+    from forkserve.engine_args import engine_kwargs
+    from forkserve.scaleout import replica_set
+
+    replicas = replica_set(LLM, args.model, args.data_parallel_size, engine_kwargs(args))
+    try:
+        from forkserve.entrypoints.batch_data_parallel import run_batch_data_parallel
+
+        run_batch_data_parallel(runner, replicas, _served_names(args), use_tqdm=not args.no_progress)
+    finally:
+        replicas.shutdown()
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +127,8 @@ def _resolve_model(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _resolve_model(args)
+    if args.data_parallel_size != 1:
+        raise ValueError("serve runs one engine: --data-parallel-size is for generate and run-batch")
     try:
         from forkserve.entrypoints.engine_loop import EngineLoop
         from forkserve.entrypoints.server import serve
