@@ -28,8 +28,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     parser.add_argument("--generation-config", default="auto",
                         help="'auto': sampling defaults from the model's generation_config.json; 'vllm': vLLM's "
                              "defaults; or a directory holding a generation_config.json")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="1 (more GPUs: not yet)")
-    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 (more GPUs: not yet)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks that split the model (one process and GPU each)")
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="ranks that split the model (one process and GPU each)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype; fp8: not yet)")
     parser.add_argument("--quantization", "-q", default=None, help="not supported yet")
     parser.add_argument("--trust-remote-code", action="store_true", help="refused: no remote code is ever run")
