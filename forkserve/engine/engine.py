@@ -290,6 +290,11 @@ class Engine:
         """Pages held by sequences, held branches or pins: all but the free and the idle cached ones."""
         return self.pool.num_pages - self.pool.num_free - self.tree.num_evictable_pages
 
+    def shutdown(self) -> None:
+        """Stop the worker's other tensor-parallel ranks now (they also stop when the engine is
+        freed or the process ends)."""
+        self.worker.close()
+
     def stats(self) -> dict[str, int | float]:
         """Totals since start (see `stats.engine_stats`)."""
         return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use, self.worker.stats())

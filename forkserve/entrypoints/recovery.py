@@ -24,6 +24,10 @@ def reset_engine(engine: Engine) -> None:
     # The queued step's draws belong to requests about to be aborted, and reading them may be
     # what failed: it is dropped unread.
     engine._in_flight = None
+    try:
+        engine.worker.check_alive()  # failed tensor-parallel ranks: only a new engine brings them back
+    except RuntimeError as error:
+        raise EngineUnrecoverable(str(error)) from error
     for request_id in list(engine.requests):
         engine.abort_request(request_id)
     scheduler = engine.scheduler

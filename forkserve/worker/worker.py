@@ -121,6 +121,11 @@ class Worker:
                 previous = self.tp.broadcast(torch.empty(len(plan.logits_rows), dtype=torch.long,
                                                          device=self.device))
 
+    def check_alive(self) -> None:
+        """Raise RankFailure if the other tensor-parallel ranks failed or were stopped."""
+        if self.ranks is not None:
+            self.ranks.check()
+
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do with one rank)."""
         if self.ranks is not None:
