@@ -81,7 +81,7 @@ class EngineConfig:
     revision: str | None = None  # hub revisions: a local directory is its own revision
     tokenizer_revision: str | None = None
     download_dir: str | None = None  # where the hub would download to: nothing is downloaded
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # ranks that split every layer (one process and device each)
     pipeline_parallel_size: int = 1
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
@@ -124,9 +124,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"invalid engine setting: {name} must be a positive integer, got {value!r}")
-            if value > 1:
-                raise ValueError(f"{name}={value} is not supported yet: forkserve runs a model on one GPU; "
-                                 f"use {name}=1 with a model that fits one device")
+        if self.pipeline_parallel_size > 1:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported yet: "
+                             "split the model with tensor_parallel_size instead")
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet: give an unquantized "
                              "(float16 / bfloat16 / float32) checkpoint")

@@ -28,7 +28,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     parser.add_argument("--generation-config", default="auto",
                         help="'auto': sampling defaults from the model's generation_config.json; 'vllm': vLLM's "
                              "defaults; or a directory holding a generation_config.json")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="1 (more GPUs: not yet)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks that split the model (one process and GPU each)")
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                         help="engines (replicas) on Ray that share the batch, planned by its prefix tree "
                              "(generate and run-batch; needs forkserve[ray])")

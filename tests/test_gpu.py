@@ -521,3 +521,22 @@ def test_engine_rebuild_frees_the_old_engines_gpu_memory(tiny_model_factory) -> 
     out.add_request("r", out.make_prompt("Hello", "r"), SamplingParams(max_tokens=2))
     while out.has_unfinished_requests():
         out.step()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism needs 2 GPUs")
+def test_gpu_two_ranks_equal_one(tiny_model_factory) -> None:  # noqa: ANN001
+    """tensor_parallel_size=2 over NCCL (FlashInfer, decode CUDA graphs captured with the all-reduces
+    inside, cascade levels) gives the greedy tokens of one GPU, in fp32 logits' agreement."""
+    model = str(tiny_model_factory("llama", head_dim=64))
+    system = list(range(3, 153))
+    prompts = [{"prompt_token_ids": system + [200 + i, 300 + i]} for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", max_model_len=512, num_gpu_blocks_override=256, max_num_seqs=16)
+    one = [o.outputs[0].token_ids for o in LLM(model, **common).generate(prompts, params, use_tqdm=False)]
+    gc.collect()
+    two_llm = LLM(model, tensor_parallel_size=2, **common)
+    try:
+        two = [o.outputs[0].token_ids for o in two_llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        two_llm.engine.shutdown()
+    assert two == one

@@ -13,7 +13,7 @@ from pathlib import Path
 import forkserve
 
 PACKAGE = Path(forkserve.__file__).parent
-WORKER_SIDE = ("forkserve.worker", "forkserve.kernels", "forkserve.model", "forkserve.sampler",
+WORKER_SIDE = ("forkserve.worker", "forkserve.kernels", "forkserve.model", "forkserve.sampler", "forkserve.distributed",
                "forkserve.transfer")
 SETTINGS = ("forkserve.config", "forkserve.sampling_params")  # plain settings, on both sides
 CORE = ("forkserve.engine",)

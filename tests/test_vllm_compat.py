@@ -44,7 +44,7 @@ def hf_prompt_logprobs(model_dir: str, ids: list[int]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------- engine arguments
 @pytest.mark.parametrize("setting, message", [
-    (dict(tensor_parallel_size=2), "tensor_parallel_size=2 is not supported yet"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be a positive integer"),
     (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2 is not supported yet"),
     (dict(trust_remote_code=True), "never runs a checkpoint's own code"),
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not supported yet"),

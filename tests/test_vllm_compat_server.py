@@ -223,8 +223,8 @@ def test_serve_takes_vllm_flags(model_dir) -> None:
     assert args.model == model_dir and args.response_role == "bot" and args.disable_log_requests
     config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
     assert (config.max_logprobs, config.enforce_eager, config.generation_config) == (5, True, "vllm")
-    args = build_parser().parse_args(["serve", model_dir, "--tensor-parallel-size", "2"])
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported yet"):
+    args = build_parser().parse_args(["serve", model_dir, "--pipeline-parallel-size", "2"])
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported yet"):
         EngineConfig.from_kwargs(args.model_tag, **engine_kwargs(args))
     args = build_parser().parse_args(["serve", "a", "--model", "b"])
     with pytest.raises(ValueError, match="two models"):

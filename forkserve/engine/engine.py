@@ -288,9 +288,11 @@ class Engine:
         return finished
 
     @property
-    def pages_in_use(self) -> int:
-        """Pages held by sequences, held branches or pins: all but the free and the idle cached ones."""
+    def pages_in_use(self) -> int:  # held by sequences, held branches or pins: not free, not idle cached
         return self.pool.num_pages - self.pool.num_free - self.tree.num_evictable_pages
+
+    def shutdown(self) -> None:  # other tensor-parallel ranks stop now (else when freed or at exit)
+        self.worker.close()
 
     def stats(self) -> dict[str, int | float]:  # totals since start (stats.engine_stats)
         return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use, self.worker.stats())

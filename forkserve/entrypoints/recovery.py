@@ -21,6 +21,10 @@ class EngineUnrecoverable(RuntimeError):
 
 def reset_engine(engine: Engine) -> None:
     """Abort every request and clear the in-flight step; raise EngineUnrecoverable if work is left."""
+    try:
+        engine.worker.check_alive()  # failed tensor-parallel ranks: only a new engine brings them back
+    except RuntimeError as error:
+        raise EngineUnrecoverable(str(error)) from error
     if not engine.reset_after_fault():
         raise EngineUnrecoverable("after aborting every request, sequences are still scheduled")
     logger.warning("the engine was reset after a fault: every unfinished request was aborted")

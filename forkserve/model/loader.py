@@ -1,11 +1,14 @@
 """Loads a checkpoint directory into `LlamaForCausalLM`: safetensors only, never pickles.
 
 A MoE family's per-expert tensors are copied into the layer's stacked expert weights here, once.
+A tensor-parallel rank reads only its slices of each tensor (safetensors' lazy slices), the
+split forkserve/model/parallel.py describes.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +16,7 @@ from safetensors import safe_open
 
 from forkserve.model.config import ModelConfig
 from forkserve.model.llama import LlamaForCausalLM
+from forkserve.model.parallel import Collectives, Shard
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +48,39 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
 
 
-def _destination(model: LlamaForCausalLM, params: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
-    """The view of our parameter that a HF tensor fills (a row slice for fused q/k/v and gate/up)."""
+@dataclass(frozen=True)
+class Part:
+    """The part of a HF tensor one rank reads: `length` entries from `first` along `dim`, of a
+    tensor whose whole length there is `total` (checked against the file)."""
+
+    dim: int
+    first: int
+    length: int
+    total: int
+
+    def index(self) -> tuple[slice, ...]:
+        return (slice(None),) * self.dim + (slice(self.first, self.first + self.length),)
+
+    def whole_shape(self, part_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return part_shape[:self.dim] + (self.total,) + part_shape[self.dim + 1:]
+
+
+Source = Part | None
+ALL: Source = None  # the whole tensor (replicated, or one rank)
+
+
+def _destination(model: LlamaForCausalLM, params: dict[str, torch.Tensor], name: str
+                 ) -> tuple[torch.Tensor, Source] | None:
+    """The view of our parameter that a HF tensor fills (a row slice for fused q/k/v and gate/up),
+    and the part of the HF tensor this rank reads."""
+    shard, config = model.shard, model.config
+    vocab = Part(0, shard.first_vocab_row, shard.real_vocab_rows, config.vocab_size)
     if name == "model.embed_tokens.weight":
-        return params["embed_tokens.weight"]
+        return params["embed_tokens.weight"][:shard.real_vocab_rows], vocab
     if name == "model.norm.weight":
-        return params["norm.weight"]
+        return params["norm.weight"], ALL
     if name == "lm_head.weight":
-        return params["lm_head.weight"] if model.lm_head is not None else None
+        return (params["lm_head.weight"][:shard.real_vocab_rows], vocab) if model.lm_head is not None else None
     parts = name.split(".")
     if parts[:2] != ["model", "layers"] or len(parts) < 5:
         return None
@@ -59,54 +88,69 @@ def _destination(model: LlamaForCausalLM, params: dict[str, torch.Tensor], name:
     moe = model.config.family.moe
     sparse = moe is not None and parts[2].isdigit() and int(parts[2]) in model.config.moe_layers
     if sparse and inner.startswith(moe.block + "."):
-        return _expert_destination(model.config, params, prefix, inner.removeprefix(moe.block + "."), kind)
+        return _expert_destination(model.config, shard, params, prefix, inner.removeprefix(moe.block + "."), kind)
     if inner in _FUSED:
-        fused, shard = _FUSED[inner]
-        rows = _shard_rows(model.config, fused)
-        start = sum(rows[:shard])
-        return params[f"{prefix}{fused}.{kind}"][start:start + rows[shard]]
+        fused, part = _FUSED[inner]
+        rows = _rank_rows(config, shard, fused)
+        start = sum(r.length for r in rows[:part])
+        return params[f"{prefix}{fused}.{kind}"][start:start + rows[part].length], rows[part]
     if inner in _RENAMED:
-        return params[f"{prefix}{_RENAMED[inner]}.{kind}"]
+        return params[f"{prefix}{_RENAMED[inner]}.{kind}"], _row_parallel_columns(config, shard, inner)
     if inner in ("input_layernorm", "post_attention_layernorm"):
-        return params[f"{prefix}{inner}.{kind}"]
+        return params[f"{prefix}{inner}.{kind}"], ALL
     return None
 
 
-def _expert_destination(config: ModelConfig, params: dict[str, torch.Tensor], prefix: str, inner: str,
-                        kind: str) -> torch.Tensor | None:
+def _row_parallel_columns(config: ModelConfig, shard: Shard, inner: str) -> Source:
+    """o_proj and down_proj take this rank's columns of their input; the q/k norms are replicated."""
+    d = config.head_dim
+    if inner == "self_attn.o_proj":
+        return Part(1, shard.first_head * d, shard.num_heads * d, config.num_heads * d)
+    if inner == "mlp.down_proj":
+        return Part(1, *shard.intermediate(config.intermediate_size), config.intermediate_size)
+    return ALL
+
+
+def _expert_destination(config: ModelConfig, shard: Shard, params: dict[str, torch.Tensor], prefix: str,
+                        inner: str, kind: str) -> tuple[torch.Tensor, Source] | None:
     """The view of a sparse layer's router or stacked experts that a HF tensor fills
-    (`inner`: 'gate' or 'experts.{e}.{projection}', below the family's block name)."""
+    (`inner`: 'gate' or 'experts.{e}.{projection}', below the family's block name), and this
+    rank's part of it (each expert is split like a dense MLP)."""
     if kind != "weight":
         return None
     if inner == "gate":
-        return params[prefix + "mlp.gate"]
+        return params[prefix + "mlp.gate"], ALL
     parts = inner.split(".")
     gate, up, down = config.family.moe.expert_weights
     if len(parts) != 3 or parts[0] != "experts" or not parts[1].isdigit() or int(parts[1]) >= config.num_experts:
         return None
-    expert, size = int(parts[1]), config.moe_intermediate_size
+    expert, total = int(parts[1]), config.moe_intermediate_size
+    first, width = shard.intermediate(total)
     if parts[2] == down:
-        return params[prefix + "mlp.w2"][expert]
+        return params[prefix + "mlp.w2"][expert], Part(1, first, width, total)
     if parts[2] in (gate, up):
-        start = 0 if parts[2] == gate else size
-        return params[prefix + "mlp.w13"][expert, start:start + size]
+        start = 0 if parts[2] == gate else width
+        return params[prefix + "mlp.w13"][expert, start:start + width], Part(0, first, width, total)
     return None
 
 
-def _shard_rows(config: ModelConfig, fused: str) -> list[int]:
+def _rank_rows(config: ModelConfig, shard: Shard, fused: str) -> list[Part]:
+    """This rank's rows of each HF tensor fused into a column-parallel weight (q, k, v or gate, up)."""
     if fused == "qkv_proj":
-        kv = config.num_kv_heads * config.head_dim
-        return [config.num_heads * config.head_dim, kv, kv]
-    return [config.intermediate_size, config.intermediate_size]
+        d = config.head_dim
+        kv = Part(0, shard.first_kv_head * d, shard.num_kv_heads * d, config.num_kv_heads * d)
+        return [Part(0, shard.first_head * d, shard.num_heads * d, config.num_heads * d), kv, kv]
+    return [Part(0, *shard.intermediate(config.intermediate_size), config.intermediate_size)] * 2
 
 
 @torch.no_grad()
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
-               load_format: str = "auto") -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Build the model on `device` and fill it from safetensors (or randomly for load_format='dummy')."""
+               load_format: str = "auto", tp: Collectives | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Build the model (with `tp`, this rank's shard of it) on `device` and fill it from
+    safetensors (or randomly for load_format='dummy')."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
-    model = LlamaForCausalLM(config, dtype, device).eval()
+    model = LlamaForCausalLM(config, dtype, device, tp).eval()
     if load_format == "dummy":
         _init_dummy(model)
         return model, config
@@ -115,12 +159,20 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                dest = _destination(model, params, name)
-                if dest is None:
+                found = _destination(model, params, name)
+                if found is None:
                     if "rotary_emb" not in name:
                         logger.warning("ignoring unexpected tensor %s in %s", name, path.name)
                     continue
-                value = f.get_tensor(name)
+                dest, source = found
+                if source is ALL:
+                    value = f.get_tensor(name)
+                else:
+                    lazy = f.get_slice(name)
+                    shape, expected = tuple(lazy.get_shape()), source.whole_shape(tuple(dest.shape))
+                    if shape != expected:
+                        raise ValueError(f"tensor {name} in {path.name} has shape {shape}, expected {expected}")
+                    value = lazy[source.index()]
                 if tuple(dest.shape) != tuple(value.shape):
                     raise ValueError(f"tensor {name} in {path.name} has shape {tuple(value.shape)}, "
                                      f"expected {tuple(dest.shape)}")

@@ -101,3 +101,80 @@ class StepResult:
     first_row: list[int]  # per draw request, the index of its first draw in `sampled`
     top: list[list[tuple[int, float]] | None]  # per draw request, its probe's candidates (best first)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # per plan.prompt_logprobs entry
+
+
+# ------------------------------------------------------------------------ the ranks' message
+# Tensor-parallel ranks run every step's forward; only rank 0 samples. So a rank's message holds
+# the plan less its sampling part (draws, rows, bitmask): flat integer arrays behind a header of
+# their dtypes and shapes, no pickle.
+EXECUTE, LAUNCH = 0, 1  # a synchronous step; a launched one (its draws follow as a broadcast)
+_ARRAY_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+_HEADER_LENGTH = np.dtype("<u8")
+
+
+def pack_arrays(arrays: list[np.ndarray]) -> bytes:
+    """Integer arrays as one buffer: header length, header (count, then dtype, ndim, shape each), data."""
+    header = [len(arrays)]
+    for array in arrays:
+        header += [_ARRAY_DTYPES.index(array.dtype), array.ndim, *array.shape]
+    head = np.array(header, dtype=np.int64).tobytes()
+    parts = [np.array(len(head), dtype=_HEADER_LENGTH).tobytes(), head]
+    for array in arrays:  # each padded to 8 bytes, so that every array is aligned
+        data = np.ascontiguousarray(array).tobytes()
+        parts += [data, bytes(-len(data) % 8)]
+    return b"".join(parts)
+
+
+def unpack_arrays(message: bytes) -> list[np.ndarray]:
+    """What pack_arrays packed, as writable arrays over one copy of the message."""
+    buffer = bytearray(message)
+    head_length = int(np.frombuffer(buffer, dtype=_HEADER_LENGTH, count=1)[0])
+    offset = _HEADER_LENGTH.itemsize
+    header = np.frombuffer(buffer, dtype=np.int64, count=head_length // 8, offset=offset).tolist()
+    offset += head_length
+    arrays, at = [], 1
+    for _ in range(header[0]):
+        dtype, ndim = _ARRAY_DTYPES[header[at]], header[at + 1]
+        shape = tuple(header[at + 2:at + 2 + ndim])
+        at += 2 + ndim
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays.append(np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape))
+        offset += -(-count * dtype.itemsize // 8) * 8
+    return arrays
+
+
+def encode_for_ranks(plan: StepPlan, kind: int) -> bytes:
+    """The part of `plan` every rank needs for the forward (all but its sampling), and its kind."""
+    sharing = plan.sharing
+    scalars = [kind, plan.sharing_key, sharing is not None, plan.page_copies is not None,
+               len(sharing.groups) if sharing is not None else 0, len(plan.prompt_logprobs)]
+    arrays = [np.array(scalars, dtype=np.int64), plan.input_ids, plan.query_start, plan.num_computed,
+              plan.kv_indptr, plan.kv_indices, np.array(plan.logits_rows, dtype=np.int64),
+              np.array(plan.pending, dtype=np.int64).reshape(-1, 2)]
+    if plan.page_copies is not None:
+        arrays.append(plan.page_copies)
+    if sharing is not None:
+        arrays += [sharing.group_of_row, sharing.cuts, *sharing.groups]
+    ranges = plan.prompt_logprobs
+    arrays.append(np.array([[r.row, r.first_token, r.top_k] for r in ranges], dtype=np.int64).reshape(-1, 3))
+    arrays += [np.asarray(r.targets, dtype=np.int64) for r in ranges]
+    return pack_arrays(arrays)
+
+
+def decode_for_ranks(message: bytes) -> tuple[int, StepPlan]:
+    """(kind, plan) from encode_for_ranks' bytes; the plan has no sampling part."""
+    arrays = iter(unpack_arrays(message))
+    kind, sharing_key, has_sharing, has_copies, levels, num_ranges = next(arrays).tolist()
+    input_ids, query_start, num_computed, kv_indptr, kv_indices = (next(arrays) for _ in range(5))
+    logits_rows, pending = next(arrays).tolist(), [tuple(p) for p in next(arrays).tolist()]
+    page_copies = next(arrays) if has_copies else None
+    sharing = None
+    if has_sharing:
+        group_of_row, cuts = next(arrays), next(arrays)
+        sharing = Sharing(group_of_row, [next(arrays) for _ in range(levels)], cuts)
+    ranges = next(arrays).tolist()
+    prompt_logprobs = [PromptLogprobRange(row, first, next(arrays), top_k) for row, first, top_k in ranges]
+    assert len(ranges) == num_ranges
+    return kind, StepPlan(input_ids, query_start, num_computed, kv_indptr, kv_indices, logits_rows,
+                          pending=pending, sharing=sharing, sharing_key=sharing_key, page_copies=page_copies,
+                          prompt_logprobs=prompt_logprobs)

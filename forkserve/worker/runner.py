@@ -110,24 +110,30 @@ class ModelRunner:
         (structured outputs) is called once the forward is queued: the core fills the step's token
         mask, which may need `previous`'s tokens, while the GPU computes; the draws are queued after it.
         """
-        logits, prompt_logprobs = self._forward(plan, previous)
+        logits, prompt_logprobs = self._forward(plan, previous.tokens if previous is not None else None)
         assert logits is not None, "a launched step must sample"
         draws = self.sampler.sampler.draw(logits, plan.rows, bitmask() if bitmask is not None else None)
         return LaunchedStep(draws.tokens, draws.copy_to_host(), prompt_logprobs)
 
-    def _forward(self, plan: StepPlan, previous: LaunchedStep | None
+    @torch.inference_mode()
+    def forward_only(self, plan: StepPlan, previous_tokens: torch.Tensor | None) -> None:
+        """A tensor-parallel rank other than 0: the step's forward, logits and prompt logprobs
+        included (their collectives need every rank), without sampling (rank 0 samples)."""
+        self._forward(plan, previous_tokens)
+
+    def _forward(self, plan: StepPlan, previous_tokens: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, list[PromptLogprobs]]:
         """Logits at each of the plan's logits rows (None if there are none), and the prompt
-        logprobs the plan asks for."""
+        logprobs the plan asks for; placeholders take `previous_tokens` (a launched step's draws)."""
         if plan.page_copies is not None:
             self.kv_cache.copy_pages(plan.page_copies)
         input_ids, positions, meta = build_metadata(plan, self.kv_cache, self.device, self.cascade)
         self._count_kv_reads(meta)
         if plan.pending:
             # A placeholder is the last token of its sequence, so always the last one this step computes.
-            assert previous is not None, "a placeholder token without the step that draws it"
+            assert previous_tokens is not None, "a placeholder token without the step that draws it"
             index = to_device(plan.pending, self.device, torch.long)
-            input_ids.index_copy_(0, index[:, 0], previous.tokens[index[:, 1]])
+            input_ids.index_copy_(0, index[:, 0], previous_tokens[index[:, 1]])
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
