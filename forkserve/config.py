@@ -71,6 +71,12 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # shared-prefix (cascade) attention: sharing among a step's sequences read once per group
     disable_cascade_attn: bool = False
+    # forkserve's GPU tunables, kept selectable so that one run can measure each against the other:
+    # unseeded top-k / top-p rows drawn by FlashInfer's sort-free kernels (False: the general path's sort)
+    flashinfer_sampling: bool = True
+    # FlashInfer's backend for the paged prefill kernels: "auto" (fa3 on Hopper where the dtypes
+    # allow it; an fp8 KV cache takes fa2), "fa2" or "fa3"
+    prefill_backend: str = "auto"
     # queue step k+1 before reading step k's tokens, so host work overlaps the GPU (vLLM's
     # --async-scheduling); a step whose draws feed a host decision (the first draw of n > 1, which
     # forks; penalties; beam and tree search) still waits for the previous step's tokens
@@ -108,6 +114,9 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "flashinfer", "reference"):
             raise ValueError(f"invalid engine setting: attention_backend must be 'auto', 'flashinfer' or 'reference', "
                              f"got {self.attention_backend!r}")
+        if self.prefill_backend not in ("auto", "fa2", "fa3"):
+            raise ValueError(f"invalid engine setting: prefill_backend must be 'auto', 'fa2' or 'fa3', "
+                             f"got {self.prefill_backend!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"invalid engine setting: load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
 

@@ -521,3 +521,31 @@ def test_engine_rebuild_frees_the_old_engines_gpu_memory(tiny_model_factory) -> 
     out.add_request("r", out.make_prompt("Hello", "r"), SamplingParams(max_tokens=2))
     while out.has_unfinished_requests():
         out.step()
+
+
+def test_flashinfer_top_k_top_p_draws_follow_the_reference_distribution() -> None:
+    """FlashInfer's sort-free kernels (kernels/truncated_sampling.py) draw from what the reference's
+    sort keeps (top-k first, top-p over the top-k mass), at temperature, over a 128K vocabulary;
+    logprobs are the raw log-softmax; temperature 0 rows take the argmax."""
+    from forkserve.kernels import truncated_sampling
+    from forkserve.sampler import Sampler
+
+    vocab, rows = 128256, 8192
+    base = torch.full((vocab,), -30.0)
+    base[:8] = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02]).log()
+    params = SamplingParams(temperature=0.7, top_k=6, top_p=0.8)
+    expected = Sampler._top_k_top_p(torch.softmax(base / 0.7, dim=-1)[None], [params])[0]
+    expected = expected / expected.sum()
+    logits = base.to("cuda", torch.bfloat16).expand(rows, vocab).contiguous()
+    temperatures = torch.full((rows,), 0.7, device="cuda")
+    temperatures[:64] = 0.0
+    top_k = torch.full((rows,), 6, dtype=torch.int32, device="cuda")
+    top_p = torch.full((rows,), 0.8, device="cuda")
+    tokens, logprobs = truncated_sampling.sample(logits, temperatures, top_k, top_p,
+                                                 torch.Generator("cuda").manual_seed(0))
+    assert (tokens[:64] == 0).all()
+    frequency = torch.bincount(tokens[64:].cpu(), minlength=vocab).float() / (rows - 64)
+    assert (frequency[expected == 0] == 0).all()
+    assert (frequency - expected).abs().max() < 0.03
+    raw = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    assert torch.allclose(logprobs, raw, atol=1e-3)

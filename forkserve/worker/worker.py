@@ -49,7 +49,7 @@ class Worker:
         self.max_levels = max_levels
         self.step_memory: StepMemory | None = None  # the profile steps' peaks, where they sized the pool
         backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
-        sampler = Sampler(config.seed, self.device)
+        sampler = Sampler(config.seed, self.device, config.flashinfer_sampling)
         self.kv_cache = self._make_kv_cache(sampler)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, ForkingSampler(sampler, config.max_num_seqs),
                                   self.device, self._make_graphs(backend), CascadePlanner() if max_levels else None,
