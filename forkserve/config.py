@@ -33,6 +33,15 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: to
     return _DTYPES[dtype]
 
 
+# vLLM's kv_cache_dtype names for an e4m3 cache (per-tensor scales; 1.0 without calibration, as vLLM does)
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pages' dtype: the model's ('auto') or float8_e4m3fn (vLLM's 'fp8' / 'fp8_e4m3')."""
+    return torch.float8_e4m3fn if kv_cache_dtype in FP8_KV_CACHE_DTYPES else model_dtype
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,12 +148,12 @@ class EngineConfig:
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet: give an unquantized "
                              "(float16 / bfloat16 / float32) checkpoint")
-        if self.kv_cache_dtype != "auto":
+        if self.kv_cache_dtype not in ("auto", *FP8_KV_CACHE_DTYPES):
             if str(self.kv_cache_dtype).startswith("fp8"):
-                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet: the KV cache is "
-                                 "kept in the model's dtype; use kv_cache_dtype='auto'")
-            raise ValueError(f"invalid engine setting: kv_cache_dtype must be 'auto' (or vLLM's fp8 kinds, "
-                             f"not supported yet), got {self.kv_cache_dtype!r}")
+                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet: use 'fp8' "
+                                 "(e4m3, as 'fp8_e4m3') or 'auto'")
+            raise ValueError(f"invalid engine setting: kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3', "
+                             f"got {self.kv_cache_dtype!r}")
         if self.tokenizer_mode not in ("auto", "hf", "slow"):
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported: use 'auto' (the "
                              "checkpoint's Hugging Face tokenizer)")

@@ -15,7 +15,8 @@ from forkserve.worker.attention.base import AttentionBackend
 from forkserve.worker.attention.cascade import CascadePlanner
 from forkserve.worker.attention.flashinfer import FlashInferBackend
 from forkserve.worker.attention.reference import ReferenceBackend
-from forkserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype
+from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype,
+                              resolve_kv_cache_dtype)
 from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
 from forkserve.sampler import Sampler, TokenBitmask
@@ -40,6 +41,7 @@ class Worker:
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_dir(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -79,7 +81,7 @@ class Worker:
     # ----------------------------------------------------------------------------- set-up
     def _make_kv_cache(self, sampler: Sampler) -> KVCache:
         mc, cfg = self.model_config, self.config
-        page_bytes = KVCache.bytes_per_page(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, self.dtype)
+        page_bytes = KVCache.bytes_per_page(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, self.kv_dtype)
         if cfg.num_gpu_blocks_override is not None:
             num_pages = cfg.num_gpu_blocks_override
         elif cfg.kv_cache_memory_bytes is not None:
@@ -93,7 +95,7 @@ class Worker:
                 f"the KV pool ({num_pages} pages of {cfg.page_size} tokens) cannot hold one sequence of "
                 f"max_model_len={self.max_model_len} tokens: lower max_model_len or give the pool more pages")
         return KVCache(num_pages, cfg.page_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                       self.dtype, self.device)
+                       self.kv_dtype, self.device)
 
     def _pool_bytes_left(self, sampler: Sampler) -> int:
         """What gpu_memory_utilization leaves for the pool once the largest step's measured peak
@@ -119,7 +121,7 @@ class Worker:
             raise ValueError(f"attention_backend={choice!r} needs a CUDA device, got {self.device}")
         mc = self.model_config
         return FlashInferBackend(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
-                                 self.max_levels)
+                                 self.max_levels, self.config.prefill_backend, self.kv_dtype)
 
     def _make_graphs(self, backend: AttentionBackend) -> DecodeGraphs | None:
         if not self._uses_graphs():
