@@ -135,7 +135,7 @@ def run_workload(llm: LLM, name: str, min_rows: int, kernels_at: list[int], kern
     added = time.perf_counter()
     with gc_off_while_planning():  # as LLM.generate validates and plans
         engine.add_requests([(f"{name}-{i}", engine.make_prompt({"prompt_token_ids": r.prompt_token_ids}, name),
-                              SamplingParams(temperature=workload.temperature, n=r.n, max_tokens=r.max_tokens,
+                              SamplingParams(**workload.sampling, n=r.n, max_tokens=r.max_tokens,
                                              ignore_eos=True))
                              for i, r in enumerate(workload.requests)])
     print(f"{name}: requests added and planned in {time.perf_counter() - added:.3f} s", flush=True)
@@ -210,7 +210,7 @@ def main() -> None:
                   skip_tokenizer_init=True, dtype="bfloat16", max_num_seqs=1024, max_num_batched_tokens=16384, seed=0)
     for warmup in warm_up_workloads():  # what the bench runs first: kernels built, allocator grown
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup.requests],
-                     [SamplingParams(temperature=warmup.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
+                     [SamplingParams(**warmup.sampling, n=r.n, max_tokens=r.max_tokens, ignore_eos=True)
                       for r in warmup.requests], use_tqdm=False)
     for name in args.workloads.split(","):
         with gc_frozen_for_batch(), synchronizing_calls(args.sync_debug):

@@ -114,14 +114,14 @@ def device_info() -> dict:
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config", required=True, help="a config.json (or its directory); weights are random")
-    parser.add_argument("--workloads", default="nosharing,sharedprefix,samples",
+    parser.add_argument("--workloads", default="nosharing,sharedprefix,samples,chat",
                         help="comma-separated; extraction (JSON schema) and extractionfree (its prompts, no "
                              "schema) run with the tiny tokenizer padded to the model's vocabulary: run them "
                              "apart from the others, which run without a tokenizer")
     parser.add_argument("--engine", default="both", choices=["forkserve", "vllm", "both"])
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--scale", type=int, default=1, help="shrink the workloads by this factor (smoke tests)")
-    parser.add_argument("--engine-args", default="{}", help="JSON of extra forkserve LLM(...) arguments")
+    parser.add_argument("--engine-args", default="{}", help="JSON of extra forkserve LLM(...) arguments; kv_cache_dtype goes to vLLM too")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

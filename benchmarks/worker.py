@@ -38,6 +38,9 @@ def has_tokenizer(model_dir: str) -> bool:
     return (Path(model_dir) / "tokenizer.json").exists()
 
 
+SHARED_ENGINE_ARGS = ("kv_cache_dtype",)
+
+
 def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:
     import torch
 
@@ -57,7 +60,7 @@ def forkserve_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnder
         # A schema's object ends at EOS (the one token its grammar allows once complete); without
         # one, every request runs to max_tokens.
         schema = None if w.schema is None else StructuredOutputsParams(json=w.schema, disable_any_whitespace=True)
-        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=schema is None,
+        params = [SamplingParams(**w.sampling, n=r.n, max_tokens=r.max_tokens, ignore_eos=schema is None,
                                  structured_outputs=schema) for r in w.requests]
         return llm.generate(prompts, params, use_tqdm=False)
 
@@ -69,13 +72,16 @@ def vllm_runner(model_dir: str, engine_args: dict[str, Any]) -> EngineUnderTest:
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import StructuredOutputsParams
 
+    # Arguments that change what is computed (the KV cache's dtype) go to both engines; the rest
+    # of --engine-args are forkserve's own switches.
+    shared = {name: engine_args[name] for name in SHARED_ENGINE_ARGS if name in engine_args}
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=not has_tokenizer(model_dir),
-              dtype="bfloat16", gpu_memory_utilization=0.90, enable_prefix_caching=True, seed=0)
+              dtype="bfloat16", gpu_memory_utilization=0.90, enable_prefix_caching=True, seed=0, **shared)
 
     def generate(w: Workload) -> list[Any]:
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in w.requests]
         schema = None if w.schema is None else StructuredOutputsParams(json=w.schema, disable_any_whitespace=True)
-        params = [SamplingParams(temperature=w.temperature, n=r.n, max_tokens=r.max_tokens, ignore_eos=schema is None,
+        params = [SamplingParams(**w.sampling, n=r.n, max_tokens=r.max_tokens, ignore_eos=schema is None,
                                  structured_outputs=schema) for r in w.requests]
         return llm.generate(prompts, params, use_tqdm=False)
 
@@ -109,7 +115,8 @@ def warm_up_workloads(structured: bool = False) -> list[Workload]:
     thousand tokens) never ran a full prefill step. Seeds of their own: no prompt may share a
     cached prefix with the timed batches. `structured` (a tokenizer is there): a small extraction
     batch too, which builds the mask kernels and compiles its schema in both engines."""
-    warm_ups = [build("nosharing", 2, seed=1002), build("sharedprefix", 2, seed=1000), build("samples", 4, seed=1001)]
+    warm_ups = [build("nosharing", 2, seed=1002), build("sharedprefix", 2, seed=1000), build("samples", 4, seed=1001),
+                build("chat", 4, seed=1004)]
     return warm_ups + ([build("extraction", 8, seed=1003)] if structured else [])
 
 

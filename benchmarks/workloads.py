@@ -25,6 +25,13 @@ class Workload:
     requests: list[BenchRequest]
     temperature: float
     schema: dict[str, Any] | None = None  # every request's output must match this JSON schema (structured outputs)
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k (vLLM's default)
+
+    @property
+    def sampling(self) -> dict[str, float | int]:
+        """The SamplingParams keywords every request of the batch shares (same names in both engines)."""
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
     @property
     def prompt_tokens(self) -> int:
@@ -90,6 +97,16 @@ def extraction(seed: int = 4, num: int = 2048, instruction_len: int = 1500, doc_
     return reqs
 
 
+def chat(seed: int = 5, num: int = 1024, lo_in: int = 100, hi_in: int = 3000, lo_out: int = 20,
+         hi_out: int = 800) -> list[BenchRequest]:
+    """A chat-like batch without designed sharing (run with CHAT_SAMPLING: the top-p/top-k path)."""
+    rng = random.Random(seed)
+    return [BenchRequest(_ids(rng, rng.randint(lo_in, hi_in)), rng.randint(lo_out, hi_out)) for _ in range(num)]
+
+
+CHAT_SAMPLING = dict(temperature=0.7, top_p=0.95, top_k=40)
+
+
 def build(name: str, scale: int = 1, seed: int | None = None) -> Workload:
     """A workload by name; scale > 1 shrinks counts and lengths for smoke tests on CPU. A seed
     other than the workload's own draws other tokens (the bench's warm-up must not share a
@@ -113,7 +130,11 @@ def build(name: str, scale: int = 1, seed: int | None = None) -> Workload:
         reqs = extraction(num=max(1, 2048 // scale), instruction_len=1500 // scale, doc_len=max(1, 600 // scale),
                           **seeded)
         return Workload(name, reqs, 0.6, EXTRACTION_SCHEMA if name == "extraction" else None)
+    if name == "chat":
+        reqs = chat(num=max(1, 1024 // scale), lo_in=max(1, 100 // scale), hi_in=max(2, 3000 // scale),
+                    lo_out=max(1, 20 // scale), hi_out=max(2, 800 // scale), **seeded)
+        return Workload(name, reqs, **CHAT_SAMPLING)
     raise ValueError(f"unknown workload {name!r}: choose from {', '.join(WORKLOADS)}")
 
 
-WORKLOADS = ("nosharing", "sharedprefix", "samples", "extraction", "extractionfree")
+WORKLOADS = ("nosharing", "sharedprefix", "samples", "chat", "extraction", "extractionfree")

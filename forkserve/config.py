@@ -33,6 +33,15 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: to
     return _DTYPES[dtype]
 
 
+# vLLM's kv_cache_dtype names for an e4m3 cache (per-tensor scales; 1.0 without calibration, as vLLM does)
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pages' dtype: the model's ('auto') or float8_e4m3fn (vLLM's 'fp8' / 'fp8_e4m3')."""
+    return torch.float8_e4m3fn if kv_cache_dtype in FP8_KV_CACHE_DTYPES else model_dtype
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +80,12 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # shared-prefix (cascade) attention: sharing among a step's sequences read once per group
     disable_cascade_attn: bool = False
+    # forkserve's GPU tunables, kept selectable so that one run can measure each against the other:
+    # unseeded top-k / top-p rows drawn by FlashInfer's sort-free kernels (False: the general path's sort)
+    flashinfer_sampling: bool = True
+    # FlashInfer's backend for the paged prefill kernels: "auto" (fa3 on Hopper where the dtypes
+    # allow it; an fp8 KV cache takes fa2), "fa2" or "fa3"
+    prefill_backend: str = "auto"
     # queue step k+1 before reading step k's tokens, so host work overlaps the GPU (vLLM's
     # --async-scheduling); a step whose draws feed a host decision (the first draw of n > 1, which
     # forks; penalties; beam and tree search) still waits for the previous step's tokens
@@ -108,6 +123,9 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "flashinfer", "reference"):
             raise ValueError(f"invalid engine setting: attention_backend must be 'auto', 'flashinfer' or 'reference', "
                              f"got {self.attention_backend!r}")
+        if self.prefill_backend not in ("auto", "fa2", "fa3"):
+            raise ValueError(f"invalid engine setting: prefill_backend must be 'auto', 'fa2' or 'fa3', "
+                             f"got {self.prefill_backend!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"invalid engine setting: load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
 
@@ -130,12 +148,12 @@ class EngineConfig:
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet: give an unquantized "
                              "(float16 / bfloat16 / float32) checkpoint")
-        if self.kv_cache_dtype != "auto":
+        if self.kv_cache_dtype not in ("auto", *FP8_KV_CACHE_DTYPES):
             if str(self.kv_cache_dtype).startswith("fp8"):
-                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet: the KV cache is "
-                                 "kept in the model's dtype; use kv_cache_dtype='auto'")
-            raise ValueError(f"invalid engine setting: kv_cache_dtype must be 'auto' (or vLLM's fp8 kinds, "
-                             f"not supported yet), got {self.kv_cache_dtype!r}")
+                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet: use 'fp8' "
+                                 "(e4m3, as 'fp8_e4m3') or 'auto'")
+            raise ValueError(f"invalid engine setting: kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3', "
+                             f"got {self.kv_cache_dtype!r}")
         if self.tokenizer_mode not in ("auto", "hf", "slow"):
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported: use 'auto' (the "
                              "checkpoint's Hugging Face tokenizer)")

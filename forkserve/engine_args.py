@@ -33,7 +33,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
                         help="engines (replicas) on Ray that share the batch, planned by its prefix tree "
                              "(generate and run-batch; needs forkserve[ray])")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 (more GPUs: not yet)")
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype; fp8: not yet)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype), fp8 or fp8_e4m3 (e4m3 pages: twice the tokens)")
     parser.add_argument("--quantization", "-q", default=None, help="not supported yet")
     parser.add_argument("--trust-remote-code", action="store_true", help="refused: no remote code is ever run")
     parser.add_argument("--revision", default=None, help="accepted: a local directory is its own revision")

@@ -9,7 +9,11 @@ Draws use the exponential race, ``argmax(probs / E)`` with ``E = -log(U)``. For 
 U is a counter-based hash of (seed, step, token id), so a seeded request draws the same tokens
 whatever else shares its batch and whichever row it lands on. On the GPU, a step whose rows are
 all plain (temperature only, unseeded, no logprobs) is drawn by Triton kernels that read the
-logits once and invert the CDF (forkserve/kernels/sampling.py) instead.
+logits once and invert the CDF (forkserve/kernels/sampling.py) instead; unseeded rows that only
+add top-k / top-p are drawn by FlashInfer's sort-free kernels (forkserve/kernels/truncated_sampling.py)
+unless `flashinfer_sampling` is off, and the rest of such a step by the general path.
+
+Top-k applies first, then top-p over the mass of the tokens top-k kept (vLLM's order).
 """
 from __future__ import annotations
 
@@ -118,6 +122,28 @@ class Draws:
         ready.record()
         return Draws(wanted=self.wanted, ready=ready, **host)
 
+    def merged(self, other_rows: list[int], tokens: torch.Tensor, logprobs: torch.Tensor, own_rows: list[int],
+               num_rows: int) -> Draws:
+        """These draws (of rows `own_rows` of a step) with plain draws of the step's `other_rows`
+        (no logprobs asked: rank 0, no top logprobs), in the step's row order."""
+        device = self.tokens.device
+        own, other = to_device(own_rows, device, torch.long), to_device(other_rows, device, torch.long)
+
+        def spread(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:
+            if mine is None:
+                return None
+            out = torch.zeros((num_rows, *mine.shape[1:]), dtype=mine.dtype, device=device)
+            out[own] = mine
+            if theirs is not None:
+                out[other] = theirs.to(mine.dtype)
+            return out
+
+        wanted: list[int | None] = [None] * num_rows
+        for row, want in zip(own_rows, self.wanted):
+            wanted[row] = want
+        return Draws(spread(self.tokens, tokens), spread(self.logprobs, logprobs), wanted, spread(self.ranks, None),
+                     spread(self.top_ids, None), spread(self.top_values, None))
+
     def _tensors(self) -> dict[str, torch.Tensor | None]:
         return dict(tokens=self.tokens, logprobs=self.logprobs, ranks=self.ranks, top_ids=self.top_ids,
                     top_values=self.top_values)
@@ -181,6 +207,14 @@ def _is_plain(row: SamplingRow) -> bool:
         and not p.frequency_penalty and not p.presence_penalty and not p.controls_tokens
 
 
+def _is_truncated(row: SamplingRow) -> bool:
+    """Unseeded, no logprobs, nothing but temperature, top-k and top-p: what FlashInfer's kernels draw."""
+    p = row.params
+    return row.seed is None and not row.blocked_token_ids and p.logprobs is None and p.min_p <= 0.0 \
+        and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty \
+        and not p.controls_tokens
+
+
 # Rows the general path draws at once: its [rows, vocab] temporaries (fp32 copies, the top-p
 # sort and its int64 order, penalty counts, seeded hashes) stay a few hundred MB however many
 # rows a step samples, so the KV pool's sizing (worker/memory.py) need not leave gigabytes for them.
@@ -210,8 +244,13 @@ def _apply_token_controls(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> 
 
 
 class Sampler:
-    def __init__(self, seed: int | None = 0, device: torch.device | str = "cpu") -> None:
+    """`flashinfer_sampling`: unseeded top-k / top-p rows go through FlashInfer's kernels on a GPU
+    (off: the general path's sort, kept selectable to measure the two)."""
+
+    def __init__(self, seed: int | None = 0, device: torch.device | str = "cpu", flashinfer_sampling: bool = True
+                 ) -> None:
         self.device = torch.device(device)
+        self.flashinfer_sampling = flashinfer_sampling
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -232,6 +271,27 @@ class Sampler:
                                      logits.device, torch.float32)
             tokens, chosen = kernels.sample(logits, temperatures, self._philox.getrandbits(31))
             return Draws(tokens, chosen, [None] * len(rows))
+        truncated = gpu_kernels("truncated_sampling", logits) if self.flashinfer_sampling else None
+        fast = [i for i, r in enumerate(rows) if _is_truncated(r)] if truncated is not None else []
+        if not fast:
+            return self._draw_rows(logits, rows)
+        vocab = logits.shape[-1]
+        fast_rows = [rows[i] for i in fast]
+        tokens, chosen = truncated.sample(
+            logits if len(fast) == len(rows) else logits[to_device(fast, logits.device, torch.long)],
+            to_device([0.0 if r.params.greedy else r.params.temperature for r in fast_rows], logits.device,
+                      torch.float32),
+            to_device([r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in fast_rows], logits.device,
+                      torch.int32),
+            to_device([r.params.top_p for r in fast_rows], logits.device, torch.float32), self.generator)
+        if len(fast) == len(rows):
+            return Draws(tokens, chosen, [None] * len(rows))
+        rest = [i for i, r in enumerate(rows) if not _is_truncated(r)]
+        general = self._draw_rows(logits[to_device(rest, logits.device, torch.long)], [rows[i] for i in rest])
+        return general.merged(fast, tokens, chosen, rest, len(rows))
+
+    def _draw_rows(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> Draws:
+        """The general path, GENERAL_PATH_ROWS rows at a time."""
         vocab = logits.shape[-1]
         wanted = [vocab if r.params.logprobs == ALL_LOGPROBS else r.params.logprobs for r in rows]
         k = max((w if w is not None else -1) for w in wanted)
@@ -318,8 +378,10 @@ class Sampler:
         top_p = to_device([p.top_p for p in params], dev)[:, None]
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         position = torch.arange(vocab, device=dev)[None, :]
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
-        drop = (position >= top_k) | (before >= top_p * sorted_probs.sum(dim=-1, keepdim=True))
+        outside_k = position >= top_k
+        kept = sorted_probs.masked_fill(outside_k, 0.0)
+        before = kept.cumsum(dim=-1) - kept  # top-k mass strictly ahead of each token
+        drop = outside_k | (before >= top_p * kept.sum(dim=-1, keepdim=True))
         drop[:, 0] = False  # always keep the most likely token
         return torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
 

@@ -6,6 +6,9 @@
 #   bench:WORKLOADS:ENGINE         forkserve bench (ENGINE forkserve, vllm or both) on the model shape
 #                                  (engine arguments: $ENGINE_ARGS, JSON, default the runs' max_num_seqs 1024, 16K tokens)
 #   baseline:WORKLOADS             forkserve bench of the older tree in .baseline/ (before/after in one call)
+#   benchargs:WORKLOADS:ENGINE:JSON  as bench, with these engine arguments (A/B of a switch in one call, e.g.
+#                                  'benchargs:chat:forkserve:{"max_num_seqs": 1024, "max_num_batched_tokens": 16384,
+#                                  "flashinfer_sampling": false}'; kv_cache_dtype goes to vLLM too)
 #   profile:ARGS                   python -m benchmarks.profile .shared/$MODEL_SHAPE ARGS (ARGS space-separated)
 #   phases:ARGS                    python -m benchmarks.phases .shared/$MODEL_SHAPE ARGS (host time per step phase)
 #   probe[:PARTS]                  python scripts/attention_probe.py [PARTS, comma-separated: own,level,triton,gemm]
@@ -67,6 +70,12 @@ for step in "$@"; do
             (cd .baseline && PYTHONPATH=/tmp/site:$PWD timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench \
                 --model-config "../$shape" --engine forkserve --workloads "${step#baseline:}" --out "$out/baseline" \
                 --engine-args "${ENGINE_ARGS:-$default_engine_args}" 2>&1 | grep RESULT | tee -a "$out/bench.log") ;;
+        benchargs:*)
+            IFS=: read -r _ workloads engine args <<< "$step"
+            timeout "${BENCH_TIMEOUT:-560}" python3 -m forkserve bench --model-config "$shape" \
+                --engine "${engine:-forkserve}" --workloads "$workloads" --out "$out/$(echo "$args" | md5sum | cut -c1-8)" \
+                --engine-args "$args" 2>&1 \
+                | awk '!/ INFO / || /KV cache size|Maximum concurrency|KV pool/' | tee -a "$out/bench.log" ;;
         profile:*)
             # shellcheck disable=SC2086
             timeout "${PROFILE_TIMEOUT:-300}" python3 -m benchmarks.profile "$shape" ${step#profile:} \

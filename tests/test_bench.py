@@ -30,6 +30,9 @@ def test_request_lists_equal_the_shared_workloads() -> None:
     assert [(r.prompt_token_ids, r.max_tokens) for r in extraction.requests] == shared.extraction()
     assert extraction.schema == shared.EXTRACTION_SCHEMA and build("extractionfree").requests == extraction.requests
     assert all(r.n == 1 for name in ("sharedprefix", "nosharing") for r in ours[name])
+    chat = build("chat")
+    assert [(r.prompt_token_ids, r.max_tokens) for r in chat.requests] == shared.chat()
+    assert chat.sampling == shared.CHAT_SAMPLING and all(r.n == 1 for r in chat.requests)
 
 
 def test_warm_ups_share_no_prefix_with_the_timed_batches() -> None:
@@ -37,7 +40,7 @@ def test_warm_ups_share_no_prefix_with_the_timed_batches() -> None:
     def first_pages(workloads) -> set[tuple[int, ...]]:
         return {tuple(r.prompt_token_ids[:16]) for w in workloads for r in w.requests}
 
-    timed = first_pages([build(name) for name in ("sharedprefix", "samples", "nosharing", "extraction")])
+    timed = first_pages([build(name) for name in ("sharedprefix", "samples", "nosharing", "chat", "extraction")])
     warm = first_pages(warm_up_workloads(structured=True))
     assert warm and not timed & warm
 

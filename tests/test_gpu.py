@@ -34,14 +34,34 @@ def random_step(query_lens: list[int], context_lens: list[int], page_size: int, 
     return step_metadata(tables, context_lens, query_lens, page_size, device)
 
 
+KV_DTYPES = [torch.bfloat16, torch.float8_e4m3fn]  # the model's dtype, and kv_cache_dtype='fp8'
+
+
+def random_cache(num_pages: int, page_size: int, layers: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                 device: torch.device) -> KVCache:
+    """A KV cache of normal random values stored in kv_dtype (fp8: with non-trivial scales)."""
+    cache = KVCache(num_pages, page_size, layers, kv_heads, head_dim, kv_dtype, device)
+    for pages in (cache.k, cache.v):
+        pages.copy_(torch.randn(pages.shape, device=device).to(kv_dtype))
+    if cache.quantized:
+        cache.k_scale, cache.v_scale = 0.5, 1.5
+    return cache
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["bf16", "fp8"])
 @pytest.mark.parametrize("step", ["decode", "prefill", "mixed"])
-def test_flashinfer_matches_reference(step: str) -> None:
+def test_flashinfer_matches_reference(step: str, kv_dtype: torch.dtype) -> None:
     """Decode, prefill, and a step whose first rows decode (the engine's order when a step also
-    prefills: those rows go through the decode kernel)."""
+    prefills: those rows go through the decode kernel); bf16 and fp8 pages (FlashInfer's fp8-KV
+    kernels with scales against the reference's dequantized reads; the fp8 stores equal)."""
     from forkserve.worker.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -51,35 +71,34 @@ def test_flashinfer_matches_reference(step: str) -> None:
     query = [1 if step == "decode" or (step == "mixed" and b < n // 2) else random.randint(2, c)
              for b, c in enumerate(context)]
     num_pages = sum(-(-c // ps) for c in context) + 50
-    cache_ref = KVCache(num_pages, ps, layers, hkv, d, dtype, device)
-    cache_ref.k.normal_()
-    cache_ref.v.normal_()
-    cache_fi = KVCache(num_pages, ps, layers, hkv, d, dtype, device)
+    cache_ref = random_cache(num_pages, ps, layers, hkv, d, kv_dtype, device)
+    cache_fi = random_cache(num_pages, ps, layers, hkv, d, kv_dtype, device)
     cache_fi.k.copy_(cache_ref.k)
     cache_fi.v.copy_(cache_ref.v)
     meta = random_step(query, context, ps, num_pages, device)
     t = sum(query)
     q, k, v = (torch.randn(t, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
-    fi = FlashInferBackend(hq, hkv, d, dtype, device)
+    fi = FlashInferBackend(hq, hkv, d, dtype, device, kv_dtype=kv_dtype)
     fi.prepare(meta, cache_fi)
     for layer in range(layers):
         expected = ReferenceBackend().forward(layer, q, k, v, cache_ref, meta).float()
         got = fi.forward(layer, q, k, v, cache_fi, meta).float()
         rel = relative_error(got, expected)
         assert rel < 1e-2, f"layer {layer}: relative error {rel:.2e}"
-    assert torch.equal(cache_fi.k, cache_ref.k) and torch.equal(cache_fi.v, cache_ref.v)
+    assert same_bytes(cache_fi.k, cache_ref.k) and same_bytes(cache_fi.v, cache_ref.v)
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["bf16", "fp8"])
 @pytest.mark.parametrize("step", ["decode", "prefill", "mixed"])
-def test_flashinfer_cascade_matches_plain_reference(step: str) -> None:
+def test_flashinfer_cascade_matches_plain_reference(step: str, kv_dtype: torch.dtype) -> None:
     """Random trees 1-4 deep in bf16: the GPU's levels (decode: the Triton shared-level and merge
     kernels; prefill: FlashInfer's prefill kernel + merge_state) equal plain attention, also in a
-    step whose decoding rows come first and go through the decode kernel."""
+    step whose decoding rows come first and go through the decode kernel; over bf16 and fp8 pages."""
     from forkserve.worker.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, ps, num_pages = 32, 8, 128, 16, 4096
-    fi = FlashInferBackend(hq, hkv, d, dtype, device)
+    fi = FlashInferBackend(hq, hkv, d, dtype, device, kv_dtype=kv_dtype)
     levels_seen = 0
     for _ in range(6):
         rng = random.Random(random.randrange(1 << 30))
@@ -91,9 +110,7 @@ def test_flashinfer_cascade_matches_plain_reference(step: str) -> None:
         if plan is None:
             continue
         levels_seen += len(plan.levels)
-        cache = KVCache(num_pages, ps, 1, hkv, d, dtype, device)
-        cache.k.normal_()
-        cache.v.normal_()
+        cache = random_cache(num_pages, ps, 1, hkv, d, kv_dtype, device)
         q, k, v = (torch.randn(meta.num_tokens, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
         expected = ReferenceBackend().forward(0, q, k, v, cache, meta)
         cascaded = dataclasses.replace(meta, cascade=plan)
@@ -104,18 +121,17 @@ def test_flashinfer_cascade_matches_plain_reference(step: str) -> None:
     assert levels_seen > 0, "no random tree had sharing"
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["bf16", "fp8"])
 @pytest.mark.parametrize("tensor_cores", [True, False])
-def test_direct_replan_equals_flashinfer_plan(tensor_cores: bool) -> None:
+def test_direct_replan_equals_flashinfer_plan(tensor_cores: bool, kv_dtype: torch.dtype) -> None:
     """A CUDA-graph decode wrapper re-planned directly (what decode graph replays use) gets
-    FlashInfer plan()'s schedule for fresh random lengths, and attends the same."""
+    FlashInfer plan()'s schedule for fresh random lengths, and attends the same (bf16 and fp8 pages)."""
     from forkserve.worker.attention.flashinfer import FlashInferBackend
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, ps, rows, num_pages = 32, 8, 128, 16, 64, 4096
-    fi = FlashInferBackend(hq, hkv, d, dtype, device)
-    cache = KVCache(num_pages, ps, 1, hkv, d, dtype, device)
-    cache.k.normal_()
-    cache.v.normal_()
+    fi = FlashInferBackend(hq, hkv, d, dtype, device, kv_dtype=kv_dtype)
+    cache = random_cache(num_pages, ps, 1, hkv, d, kv_dtype, device)
 
     def buffers():
         return (torch.zeros(rows + 1, dtype=torch.int32, device=device),
@@ -540,3 +556,69 @@ def test_gpu_two_ranks_equal_one(tiny_model_factory) -> None:  # noqa: ANN001
     finally:
         two_llm.engine.shutdown()
     assert two == one
+
+
+def test_flashinfer_top_k_top_p_draws_follow_the_reference_distribution() -> None:
+    """FlashInfer's sort-free kernels (kernels/truncated_sampling.py) draw from what the reference's
+    sort keeps (top-k first, top-p over the top-k mass), at temperature, over a 128K vocabulary;
+    logprobs are the raw log-softmax; temperature 0 rows take the argmax."""
+    from forkserve.kernels import truncated_sampling
+    from forkserve.sampler import Sampler
+
+    vocab, rows = 128256, 8192
+    base = torch.full((vocab,), -30.0)
+    base[:8] = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02]).log()
+    params = SamplingParams(temperature=0.7, top_k=6, top_p=0.8)
+    expected = Sampler._top_k_top_p(torch.softmax(base / 0.7, dim=-1)[None], [params])[0]
+    expected = expected / expected.sum()
+    logits = base.to("cuda", torch.bfloat16).expand(rows, vocab).contiguous()
+    temperatures = torch.full((rows,), 0.7, device="cuda")
+    temperatures[:64] = 0.0
+    top_k = torch.full((rows,), 6, dtype=torch.int32, device="cuda")
+    top_p = torch.full((rows,), 0.8, device="cuda")
+    tokens, logprobs = truncated_sampling.sample(logits, temperatures, top_k, top_p,
+                                                 torch.Generator("cuda").manual_seed(0))
+    assert (tokens[:64] == 0).all()
+    frequency = torch.bincount(tokens[64:].cpu(), minlength=vocab).float() / (rows - 64)
+    assert (frequency[expected == 0] == 0).all()
+    assert (frequency - expected).abs().max() < 0.03
+    raw = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    assert torch.allclose(logprobs, raw, atol=1e-3)
+
+
+def test_fp8_kv_greedy_stays_close_to_bf16(tiny_model_factory) -> None:
+    """kv_cache_dtype='fp8' on the GPU (fp8 stores, FlashInfer's fp8-KV kernels, CUDA graphs,
+    cascade levels): the pool holds twice the pages of bf16's in the same bytes, and teacher-forced
+    prompt logprobs stay within the bounds the CPU emulation meets (tests/test_kv_cache_dtype.py)."""
+    model = str(tiny_model_factory("llama", head_dim=64))
+    common = dict(device="cuda", dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=64 << 20,
+                  max_num_seqs=64, min_shared_prefix_len=16)
+    rng = random.Random(0)
+    shared = [rng.randrange(3, 200) for _ in range(80)]
+    prompts = [shared + [rng.randrange(3, 200) for _ in range(rng.randint(5, 40))] for _ in range(12)]
+    asks = SamplingParams(temperature=0.0, max_tokens=24, prompt_logprobs=0, ignore_eos=True)
+    engines = {dtype: LLM(model, kv_cache_dtype=dtype, **common) for dtype in ("auto", "fp8")}
+    assert engines["fp8"].engine.worker.num_pages // 2 == engines["auto"].engine.worker.num_pages
+    runs = {dtype: llm.generate([{"prompt_token_ids": p} for p in prompts], asks, use_tqdm=False)
+            for dtype, llm in engines.items()}
+    gaps = [abs(a[token].logprob - b[token].logprob)
+            for full, fp8, prompt in zip(runs["auto"], runs["fp8"], prompts)
+            for a, b, token in zip(full.prompt_logprobs[1:], fp8.prompt_logprobs[1:], prompt[1:])]
+    assert 0 < sum(gaps) / len(gaps) < 0.15 and max(gaps) < 0.6, (sum(gaps) / len(gaps), max(gaps))
+    agree = sum(a.outputs[0].token_ids[:4] == b.outputs[0].token_ids[:4] for a, b in zip(runs["auto"], runs["fp8"]))
+    assert agree >= len(prompts) * 3 // 4
+
+
+def test_fp8_store_matches_the_reference_quantisation() -> None:
+    """The fused KV store's fp8 path (scale, saturate, round to nearest) writes the bytes
+    KVCache.quantize makes (the Triton interpreter rounds carries differently: GPU only)."""
+    from forkserve.kernels import fused
+
+    device = torch.device("cuda")
+    k, v = (torch.randn(300, 8, 128, device=device, dtype=torch.bfloat16) * scale for scale in (300, 1))
+    cache = KVCache(40, 16, 1, 8, 128, torch.float8_e4m3fn, device)
+    cache.k_scale, cache.v_scale = 2.0, 0.5
+    slots = torch.randperm(640, device=device)[:300]
+    fused.store_kv(k, v, cache.k[0], cache.v[0], slots, cache.k_scale, cache.v_scale)
+    for pages, new, scale in ((cache.k, k, cache.k_scale), (cache.v, v, cache.v_scale)):
+        assert same_bytes(pages[0].view(-1, 8, 128)[slots], cache.quantize(new, scale))

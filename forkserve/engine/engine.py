@@ -119,12 +119,9 @@ class Engine:
 
     # ----------------------------------------------------------------------------- branches
     def fork(self, parent: Sequence, k: int, request: Request | None = None) -> list[Sequence]:
-        """k new sequences continuing parent's tokens on its KV, queued to run.
-
-        They join parent's request (more samples or beams), or start `request` whose prompt is
-        parent's tokens (a tree-search step). Children of a running parent run next step with
-        it; others wait for admission. See `forks.fork_kv` for how the KV is shared.
-        """
+        """k new sequences continuing parent's tokens on its KV (forks.fork_kv), queued to run: in
+        parent's request (samples, beams) or starting `request` whose prompt is parent's tokens (tree
+        search). Children of a running parent run next step with it; others wait for admission."""
         children = new_children(parent, k, request, self._seq_ids)
         for child in children:
             child.grammar = self.structured.child_grammar(parent, child.request)

@@ -7,6 +7,7 @@ from types import ModuleType
 
 import torch
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn: fp8 KV pages saturate there (worker/kv_cache.py, fused.py)
 LEVEL_TILE_TOKENS = 32  # query tokens per work item of the shared-level kernel (shared_level.py)
 
 

@@ -12,6 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from forkserve.kernels import FP8_MAX
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, row_size, eps,
@@ -119,7 +123,8 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, k_token_stride, k_head_stride,
-                     v_token_stride, v_head_stride, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr, NUM_HEADS: tl.constexpr):
+                     v_token_stride, v_head_stride, inv_k_scale, inv_v_scale, HEAD_DIM: tl.constexpr,
+                     BLOCK_HEADS: tl.constexpr, NUM_HEADS: tl.constexpr, FP8: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + token)
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
@@ -128,16 +133,21 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, k_token_
     dst = slot * NUM_HEADS * HEAD_DIM + heads * HEAD_DIM + dims
     k = tl.load(k_ptr + token * k_token_stride + heads * k_head_stride + dims, mask=mask)
     v = tl.load(v_ptr + token * v_token_stride + heads * v_head_stride + dims, mask=mask)
+    if FP8:  # scaled and saturated, as KVCache.quantize
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -_FP8_MAX, _FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -_FP8_MAX, _FP8_MAX)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """Scatter k/v: [T, H, D] (unit stride inside a head) into one layer's [pages, page_size, H, D] cache."""
+             slots: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter k/v: [T, H, D] (unit stride inside a head) into one layer's [pages, page_size, H, D]
+    cache; an fp8 cache stores k / k_scale and v / v_scale, saturated."""
     tokens, heads, head_dim = k.shape
     assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     if tokens:
         _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                    HEAD_DIM=head_dim,
-                                    BLOCK_HEADS=triton.next_power_of_2(heads), NUM_HEADS=heads)
+                                    1.0 / k_scale, 1.0 / v_scale, HEAD_DIM=head_dim,
+                                    BLOCK_HEADS=triton.next_power_of_2(heads), NUM_HEADS=heads,
+                                    FP8=k_cache.dtype == torch.float8_e4m3fn)

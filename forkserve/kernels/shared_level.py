@@ -29,7 +29,7 @@ PROGRAMS_PER_KV_HEAD = 128  # a fixed grid (CUDA graphs); each program takes eve
 @triton.jit
 def _shared_level_kernel(q_ptr, k_ptr, v_ptr, work_ptr, num_items_ptr, pages_ptr, out_ptr, lse_ptr,
                          q_token_stride, q_head_stride, kv_page_stride, kv_token_stride, kv_head_stride,
-                         out_slot_stride, out_token_stride, lse_slot_stride, lse_token_stride, scale_log2,
+                         out_slot_stride, out_token_stride, lse_slot_stride, lse_token_stride, scale_log2, v_scale,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                          TOKENS: tl.constexpr, BLOCK_N: tl.constexpr):
     kv_head = tl.program_id(1)
@@ -55,25 +55,27 @@ def _shared_level_kernel(q_ptr, k_ptr, v_ptr, work_ptr, num_items_ptr, pages_ptr
             key_ok = keys < num_keys
             page = tl.load(pages_ptr + first_page + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
             offsets = page * kv_page_stride + (keys % PAGE) * kv_token_stride + kv_head * kv_head_stride
-            k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+            # fp8 pages are widened to the queries' dtype here; their scales sit in scale_log2 and v_scale
+            k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k)) * scale_log2
             scores = tl.where(key_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(scores - m_new[:, None])
             total = total * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         out_rows = slot * out_slot_stride + token * out_token_stride + head * HEAD_DIM
-        tl.store(out_ptr + out_rows[:, None] + dims[None, :], acc / total[:, None], mask=row_ok[:, None])
+        tl.store(out_ptr + out_rows[:, None] + dims[None, :], acc * (v_scale / total[:, None]), mask=row_ok[:, None])
         tl.store(lse_ptr + slot * lse_slot_stride + token * lse_token_stride + head, m + tl.log2(total), mask=row_ok)
 
 
 def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, work: torch.Tensor,
                            num_items: torch.Tensor, pages: torch.Tensor, partial_out: torch.Tensor,
                            partial_lse: torch.Tensor, block_n: int = KEYS_PER_BLOCK, num_warps: int = 4,
-                           num_stages: int = 2, tile_tokens: int = LEVEL_TILE_TOKENS) -> None:
+                           num_stages: int = 2, tile_tokens: int = LEVEL_TILE_TOKENS, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> None:
     """Every work item's queries over its pages, into its slot of the partials (`LevelWork`).
 
     q: [T, Hq, D]; k_cache/v_cache: one layer's [pages, page_size, Hkv, D]; work: [>= W, 5] int32
@@ -81,7 +83,8 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     graphs); pages: int32 page list the items index; partial_out: [S, T, Hq, D] fp32, partial_lse:
     [S, T, Hq] fp32 (base 2), written where an item's tokens and slot say. block_n, num_warps and
     num_stages are the kernel's tuning (`scripts/attention_probe.py sweep` times them), tile_tokens
-    the most tokens an item may have (the work list's cut).
+    the most tokens an item may have (the work list's cut). An fp8 cache (float8_e4m3fn pages)
+    is read as stored values times k_scale / v_scale.
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -90,7 +93,7 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, work, num_items, pages, partial_out, partial_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         partial_out.stride(0), partial_out.stride(1), partial_lse.stride(0), partial_lse.stride(1),
-        head_dim ** -0.5 * 1.4426950408889634, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim,
+        head_dim ** -0.5 * 1.4426950408889634 * k_scale, v_scale, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim,
         PAGE=k_cache.shape[1], TOKENS=tile_tokens, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 

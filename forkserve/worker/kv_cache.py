@@ -4,11 +4,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from forkserve.kernels import FP8_MAX
 from forkserve.transfer import to_device
+
 
 
 class KVCache:
     """K and V for every layer: [num_layers, num_pages, page_size, num_kv_heads, head_dim] each.
+
+    An fp8 cache (kv_cache_dtype='fp8') stores K / k_scale and V / v_scale as float8_e4m3fn, read
+    back times the scale: per-tensor scales, 1.0 without calibrated ones (vLLM's default).
 
     One tensor per K and V (not one per layer) so that copy-on-write of a page is one indexed
     copy over all layers, and a layer's view is the NHD paged layout attention kernels take.
@@ -24,6 +29,23 @@ class KVCache:
         self.scratch_page = num_pages
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    @property
+    def quantized(self) -> bool:
+        """Pages stored in fp8 (scaled), read back through k_scale / v_scale."""
+        return self.k.dtype == torch.float8_e4m3fn
+
+    def quantize(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """New K or V rows in the pages' dtype (fp8: divided by the scale and saturated)."""
+        if not self.quantized:
+            return x.to(self.k.dtype)
+        return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(self.k.dtype)
+
+    def dequantize(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        """Stored rows as fp32 values (fp8: times the scale)."""
+        return rows.float() * scale if self.quantized else rows.float()
 
     @staticmethod
     def bytes_per_page(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
@@ -43,6 +65,7 @@ class KVCache:
                 written.add(pairs[end][1])
                 end += 1
             index = to_device(np.ascontiguousarray(copies[start:end].T, dtype=np.int64), self.k.device)
-            self.k[:, index[1]] = self.k[:, index[0]]
-            self.v[:, index[1]] = self.v[:, index[0]]
+            for pages in (self.k, self.v):
+                raw = pages.view(torch.uint8) if self.quantized else pages  # fp8 has few indexing kernels
+                raw[:, index[1]] = raw[:, index[0]]
             start = end

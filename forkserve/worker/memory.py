@@ -47,6 +47,13 @@ def _general_path_rows(num_rows: int, max_logprobs: int) -> list[SamplingRow]:
     return [SamplingRow(params, seed=row, token_ids=[1, 2], num_prompt_tokens=1) for row in range(num_rows)]
 
 
+def _truncated_rows(num_rows: int) -> list[SamplingRow]:
+    """Unseeded top-k / top-p rows: on a GPU FlashInfer's kernels draw them (sampler.py), with
+    temporaries of their own."""
+    params = SamplingParams(temperature=0.7, top_p=0.95, top_k=40)
+    return [SamplingRow(params, seed=None, token_ids=[1, 2], num_prompt_tokens=1) for _ in range(num_rows)]
+
+
 def _tensor_peak(run: Callable[[], object], device: torch.device) -> int:
     """How far the allocator's live tensors rose above their level before `run`."""
     torch.cuda.synchronize(device)
@@ -78,6 +85,7 @@ def profile_step_memory(model: LlamaForCausalLM, sampler: Sampler, max_num_batch
         forward(max_num_batched_tokens)
         logits = model.compute_logits(torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device))
         sampler.draw(logits, _general_path_rows(max_num_seqs, max_logprobs))
+        sampler.draw(logits, _truncated_rows(max_num_seqs))
         del inputs
 
     steps = StepMemory(eager_peak=_tensor_peak(eager_step, device),

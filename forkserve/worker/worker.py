@@ -23,7 +23,8 @@ from forkserve.worker.attention.base import AttentionBackend
 from forkserve.worker.attention.cascade import CascadePlanner
 from forkserve.worker.attention.flashinfer import FlashInferBackend
 from forkserve.worker.attention.reference import ReferenceBackend
-from forkserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype
+from forkserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype,
+                              resolve_kv_cache_dtype)
 from forkserve.distributed import RankFailure, RankProcesses, TensorParallelGroup
 from forkserve.model.config import ModelConfig
 from forkserve.model.loader import load_model
@@ -71,6 +72,7 @@ class Worker:
         """Load the model (this rank's shard), size the KV pool, build the backend, graphs and runner."""
         self.tp = tp
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -81,7 +83,7 @@ class Worker:
         self.step_memory: StepMemory | None = None  # the profile steps' peaks, where they sized the pool
         self.attention_backend = self._choose_backend()
         backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
-        sampler = Sampler(config.seed, self.device)
+        sampler = Sampler(config.seed, self.device, config.flashinfer_sampling)
         self.kv_cache = self._make_kv_cache(sampler)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, ForkingSampler(sampler, config.max_num_seqs),
                                   self.device, self._make_graphs(backend), CascadePlanner() if max_levels else None,
@@ -154,7 +156,7 @@ class Worker:
     def _make_kv_cache(self, sampler: Sampler) -> KVCache:
         mc, cfg = self.model_config, self.config
         page_bytes = KVCache.bytes_per_page(mc.num_layers, self.model.shard.num_kv_heads, mc.head_dim, cfg.page_size,
-                                            self.dtype)
+                                            self.kv_dtype)
         if cfg.num_gpu_blocks_override is not None:
             num_pages = cfg.num_gpu_blocks_override
         elif cfg.kv_cache_memory_bytes is not None:
@@ -170,7 +172,7 @@ class Worker:
         if self.tp is not None:
             num_pages = self.tp.min_int(num_pages)  # every rank's pool holds the same page ids
         return KVCache(num_pages, cfg.page_size, mc.num_layers, self.model.shard.num_kv_heads, mc.head_dim,
-                       self.dtype, self.device)
+                       self.kv_dtype, self.device)
 
     def _pool_bytes_left(self, sampler: Sampler) -> int:
         """What gpu_memory_utilization leaves for the pool once the largest step's measured peak
@@ -209,7 +211,7 @@ class Worker:
             return ReferenceBackend()
         shard = self.model.shard
         return FlashInferBackend(shard.num_heads, shard.num_kv_heads, self.model_config.head_dim, self.dtype,
-                                 self.device, self.max_levels)
+                                 self.device, self.max_levels, self.config.prefill_backend, self.kv_dtype)
 
     def _make_graphs(self, backend: AttentionBackend) -> DecodeGraphs | None:
         if not self._uses_graphs():

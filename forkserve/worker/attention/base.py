@@ -59,8 +59,11 @@ def write_kv(layer: int, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, sl
     """Scatter new K/V rows into their page slots."""
     fused = fused_kernels_for(k)
     if fused is not None:
-        fused.store_kv(k, v, kv_cache.k[layer], kv_cache.v[layer], slot_mapping)
+        fused.store_kv(k, v, kv_cache.k[layer], kv_cache.v[layer], slot_mapping, kv_cache.k_scale, kv_cache.v_scale)
         return
     num_heads, head_dim = k.shape[1], k.shape[2]
-    kv_cache.k[layer].view(-1, num_heads, head_dim)[slot_mapping] = k.to(kv_cache.k.dtype)
-    kv_cache.v[layer].view(-1, num_heads, head_dim)[slot_mapping] = v.to(kv_cache.v.dtype)
+    for new, pages, scale in ((k, kv_cache.k, kv_cache.k_scale), (v, kv_cache.v, kv_cache.v_scale)):
+        rows = kv_cache.quantize(new, scale)
+        if kv_cache.quantized:  # fp8 has few indexing kernels: scatter the bytes
+            pages, rows = pages.view(torch.uint8), rows.view(torch.uint8)
+        pages[layer].view(-1, num_heads, head_dim)[slot_mapping] = rows

@@ -121,36 +121,49 @@ class DecodeLevels:
                         (self.counts, np.concatenate([work.counts, pad])), (self.pages, work.pages)])
 
     def merge_into(self, q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
-                   lse: torch.Tensor) -> None:
+                   lse: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         """Attend q to every level's pages and fold the results into out (own pages; lse base 2)."""
         kernels = gpu_kernels("shared_level", q)
         kernels.shared_level_attention(q, *cache, self.work, self.num_items, self.pages, self.partial_out,
-                                       self.partial_lse)
+                                       self.partial_lse, k_scale=k_scale, v_scale=v_scale)
         kernels.merge_partials_(out, lse, self.partial_out, self.partial_lse, self.counts[:q.shape[0]])
 
 
 class FlashInferBackend(AttentionBackend):
+    """prefill_backend: FlashInfer's backend for the paged prefill wrappers ("auto": FA3 on Hopper
+    where the dtypes allow, "fa2", "fa3"). kv_dtype: the pages' dtype; an fp8 cache runs FlashInfer's
+    fp8-KV kernels (bf16 queries, pages dequantized in the kernel, k_scale / v_scale passed to run)."""
+
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, max_levels: int = 0) -> None:
+                 device: torch.device, max_levels: int = 0, prefill_backend: str = "auto",
+                 kv_dtype: torch.dtype | None = None) -> None:
         import flashinfer  # imported here: CPU installs never need it
 
         self._flashinfer = flashinfer
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
+        if self.kv_dtype != dtype and prefill_backend == "fa3":
+            raise ValueError("prefill_backend='fa3' runs queries and KV of one dtype: with an fp8 KV cache use "
+                             "prefill_backend='auto' or 'fa2'")
+        self.prefill_backend = prefill_backend
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+        self._prefill = self._prefill_wrapper()
         self._decode = {tensor_cores: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=tensor_cores) for tensor_cores in (True, False)}
         self._active: list[AttentionPart] = []  # this step's own-pages attention (see prepare)
         # One prefill wrapper per shared level of cascade plans: max_levels made now (their schedule
         # buffers then count among what the KV pool's sizing finds in use), deeper ones as needed.
-        self._levels: list = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
-                              for _ in range(max_levels)]
+        self._levels: list = [self._prefill_wrapper() for _ in range(max_levels)]
         self._active_levels: list[tuple[object, torch.Tensor]] | DecodeLevels = []  # this step's levels (see run)
         self._staged: dict[int, torch.cuda.Event] = {}  # per wrapper: when its last plan's copies are queued
         # One device schedule buffer for all CUDA-graph wrappers (FlashInfer gives each its own):
         # a step plans one of them and replays its graph, in stream order, so they never overlap.
         self._graph_schedule = torch.empty(FLASHINFER_WRAPPER_BYTES, dtype=torch.uint8, device=device)
+
+    def _prefill_wrapper(self):
+        return self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD",
+                                                                    backend=self.prefill_backend)
 
     def prepare(self, meta: AttentionMetadata, kv_cache: KVCache) -> None:
         """Plan the step's own-pages attention and its levels.
@@ -185,7 +198,7 @@ class FlashInferBackend(AttentionBackend):
             return
         for depth, level in enumerate(plan.levels if plan is not None else ()):
             if depth == len(self._levels):
-                self._levels.append(self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD"))
+                self._levels.append(self._prefill_wrapper())
             self.plan_level(self._levels[depth], level.qo_indptr, level.kv_indptr, level.kv_indices,
                             level.kv_last_page_len, kv_cache)
             self._active_levels.append((self._levels[depth], level.member))
@@ -276,7 +289,7 @@ class FlashInferBackend(AttentionBackend):
         else:
             wrapper._plan_info = wrapper._cached_module.plan(
                 *buffers, kv_indptr, rows, self.num_q_heads, self.num_kv_heads, page_size, True, -1, 0.0,
-                self.head_dim, self.head_dim, torch.empty(0, dtype=self.dtype), torch.empty(0, dtype=self.dtype))
+                self.head_dim, self.head_dim, torch.empty(0, dtype=self.dtype), torch.empty(0, dtype=self.kv_dtype))
 
     def check_replan(self, wrapper, kv_indptr: torch.Tensor, kv_lens: torch.Tensor, page_size: int) -> None:
         """Raise unless `replan_graph_wrapper` reproduces the schedule of the wrapper's last `plan`
@@ -297,6 +310,7 @@ class FlashInferBackend(AttentionBackend):
         mask) pairs."""
         write_kv(layer, k, v, kv_cache, slot_mapping)
         cache = (kv_cache.k[layer], kv_cache.v[layer])
+        scales = dict(k_scale=kv_cache.k_scale, v_scale=kv_cache.v_scale) if kv_cache.quantized else {}
         q = q.contiguous()
         # Outputs given uninitialised: FlashInfer's prefill wrappers zero-fill the ones they allocate
         # (a full write per layer), and every row of a plan has keys, so the kernels write all of it.
@@ -304,15 +318,15 @@ class FlashInferBackend(AttentionBackend):
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if levels else None
         for wrapper, rows in parts:
             if lse is None:
-                wrapper.run(q[rows], cache, out=out[rows])
+                wrapper.run(q[rows], cache, out=out[rows], **scales)
             else:
-                wrapper.run(q[rows], cache, out=out[rows], lse=lse[rows], return_lse=True)
+                wrapper.run(q[rows], cache, out=out[rows], lse=lse[rows], return_lse=True, **scales)
         if not levels:
             return out
         if isinstance(levels, DecodeLevels):
-            levels.merge_into(q, cache, out, lse)
+            levels.merge_into(q, cache, out, lse, kv_cache.k_scale, kv_cache.v_scale)
             return out
         for level_wrapper, member in levels:
-            part, part_lse = level_wrapper.run(q, cache, return_lse=True, out=torch.empty_like(q))
+            part, part_lse = level_wrapper.run(q, cache, return_lse=True, out=torch.empty_like(q), **scales)
             self._flashinfer.merge_state_in_place(out, lse, part, part_lse, mask=member)
         return out

@@ -1,4 +1,6 @@
-"""Pure-torch paged attention: the CPU path and the oracle that GPU kernels are tested against."""
+"""Pure-torch paged attention: the CPU path and the oracle that GPU kernels are tested against.
+
+An fp8 KV cache is emulated exactly: pages hold float8_e4m3fn, dequantized (times the scale) as they are read."""
 from __future__ import annotations
 
 import math
@@ -57,8 +59,8 @@ class ReferenceBackend(AttentionBackend):
             pages = kv_indices[indptr[b]:indptr[b + 1]]
             own_len = context_len - (all_pages[b + 1] - all_pages[b] - len(pages)) * meta.page_size
             rows = slice(starts[b], starts[b + 1])
-            keys = gather_pages(kv_cache.k[layer], pages, own_len)
-            values = gather_pages(kv_cache.v[layer], pages, own_len)
+            keys = kv_cache.dequantize(gather_pages(kv_cache.k[layer], pages, own_len), kv_cache.k_scale)
+            values = kv_cache.dequantize(gather_pages(kv_cache.v[layer], pages, own_len), kv_cache.v_scale)
             out[rows], lse[rows] = attend(q[rows], keys, values, own_len - (starts[b + 1] - starts[b]))
         if plan is not None:
             self._merge_shared_levels(layer, q, kv_cache, plan, out, lse)
@@ -76,8 +78,8 @@ class ReferenceBackend(AttentionBackend):
                 rows = slice(qo[r], qo[r + 1])
                 pages = kv_indices[kv_ptr[r]:kv_ptr[r + 1]]
                 length = (len(pages) - 1) * kv_cache.page_size + last[r]
-                keys = gather_pages(kv_cache.k[layer], pages, length)
-                values = gather_pages(kv_cache.v[layer], pages, length)
+                keys = kv_cache.dequantize(gather_pages(kv_cache.k[layer], pages, length), kv_cache.k_scale)
+                values = kv_cache.dequantize(gather_pages(kv_cache.v[layer], pages, length), kv_cache.v_scale)
                 part, part_lse = attend(q[rows], keys, values, length)
                 merged, merged_lse = merge_partials(out[rows], lse[rows], part, part_lse)
                 member = level.member[rows]
