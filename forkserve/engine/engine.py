@@ -59,7 +59,7 @@ class Engine:
         self.request_metrics = EngineMetrics()  # vLLM's per-request histograms (time to first token, ...)
         self.steps = StepBuilder(config.page_size, cascade_rule, self.stop_token_ids)
         self.pool = PagePool(self.worker.num_pages, config.page_size)
-        self.tree = PrefixTree(self.pool, self.steps.page_copies, config.enable_prefix_caching)
+        self.tree = PrefixTree(self.pool, self.steps.transfers.copy, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)

@@ -5,6 +5,9 @@ Each page id is, at every moment, in exactly one of: the pool's free list, one t
 `ref_count` is the number of live sequences whose path passes through it (cumulative up to the
 root, as SGLang's lock_ref), so it also says how many running sequences share that prefix;
 `pin_count` works the same way for pins. Unreferenced, unpinned leaves are evicted LRU-first.
+
+The tree is the prefix index; where a node's pages are is its `Location` (engine/locations.py),
+and page copies it asks for are transfers the next step plan carries to the worker.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import itertools
 from array import array
 from typing import Callable, Iterable, Iterator, Sequence
 
+from forkserve.engine.locations import Location, Tier
 from forkserve.engine.page_keys import page_keys
 from forkserve.engine.pages import OutOfPages, PagePool
 
@@ -37,17 +41,22 @@ def common_prefix_len(a: list[int], b: list[int], step: int) -> int:
 
 
 class TreeNode:
-    __slots__ = ("parent", "children", "tokens", "pages", "ref_count", "pin_count", "last_access", "end")
+    __slots__ = ("parent", "children", "tokens", "loc", "ref_count", "pin_count", "last_access", "end")
 
     def __init__(self, parent: TreeNode | None, tokens: list[int], pages: list[int], end: int, clock: int) -> None:
         self.parent = parent
         self.children: dict[tuple[int, ...], TreeNode] = {}
-        self.tokens = tokens  # len(tokens) == len(pages) * page_size
-        self.pages = pages
+        self.tokens = tokens  # len(tokens) == len(loc.ids) * page_size
+        self.loc = Location(Tier.GPU, pages)
         self.ref_count = 0
         self.pin_count = 0
         self.last_access = clock
         self.end = end  # tokens from the root to the end of this node
+
+    @property
+    def pages(self) -> list[int]:
+        """The node's GPU page ids (none while its pages are in another tier)."""
+        return self.loc.ids if self.loc.tier is Tier.GPU else []
 
     @property
     def evictable(self) -> bool:
@@ -175,11 +184,12 @@ class PrefixTree:
         order along every path is unchanged.
         """
         ps = self.page_size
-        head = TreeNode(node.parent, node.tokens[:k * ps], node.pages[:k], node.end - (len(node.pages) - k) * ps,
+        head = TreeNode(node.parent, node.tokens[:k * ps], [], node.end - (len(node.loc.ids) - k) * ps,
                         node.last_access)
+        head.loc = node.loc.split(k)
         head.ref_count, head.pin_count = node.ref_count, node.pin_count
         node.parent.children[self._key(head.tokens)] = head
-        node.tokens, node.pages = node.tokens[k * ps:], node.pages[k:]
+        node.tokens = node.tokens[k * ps:]
         node.parent = head
         head.children[self._key(node.tokens)] = node
         return head
@@ -192,13 +202,13 @@ class PrefixTree:
             if child is None:
                 break
             k = self._matching_pages(child, tokens, pos)
-            if k < len(child.pages):
+            if k < len(child.loc.ids):
                 if split:
                     node, pos = self._split(child, k), pos + k * ps
                 else:
                     pos += k * ps
                 break
-            node, pos = child, pos + len(child.pages) * ps
+            node, pos = child, pos + len(child.loc.ids) * ps
         return node, pos
 
     def match_len(self, tokens: Sequence[int]) -> int:
@@ -266,7 +276,7 @@ class PrefixTree:
                 node, pos = child, len(run)
                 break
             k = self._matching_pages(child, run, pos)
-            if k < len(child.pages):
+            if k < len(child.loc.ids):
                 child = self._split(child, k)
             self.pool.free(mine[pos // ps:pos // ps + k])
             added += child.pages
@@ -359,7 +369,7 @@ class PrefixTree:
         """Content keys of node's pages (page_keys.py), computed on demand from its path's tokens:
         what a host or disk tier, or another replica, names these pages by."""
         tokens = [t for n in node.path() for t in n.tokens]
-        return page_keys(tokens, self.page_size)[len(tokens) // self.page_size - len(node.pages):]
+        return page_keys(tokens, self.page_size)[len(tokens) // self.page_size - len(node.loc.ids):]
 
     def evict(self, num_pages: int) -> int:
         """Free at least num_pages from least recently used unheld leaves (fewer if not possible)."""
@@ -403,7 +413,7 @@ class PrefixTree:
         for node in self.iter_nodes():
             for page in node.pages:
                 own(page, repr(node))
-            assert len(node.tokens) == len(node.pages) * ps and node.pages, f"unaligned or empty {node}"
+            assert len(node.tokens) == len(node.loc.ids) * ps and node.loc.ids, f"unaligned or empty {node}"
             assert node.parent.children[self._key(node.tokens)] is node, "child key mismatch"
             assert node.end == node.parent.end + len(node.tokens), "wrong end offset"
             assert node.ref_count >= 0 and node.pin_count >= 0

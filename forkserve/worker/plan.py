@@ -9,15 +9,37 @@ core imports the worker through it and `worker.worker.Worker` only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 
 from forkserve.sampler import SamplerOutput, SamplingRow, TokenBitmask
 
-__all__ = ["PLACEHOLDER", "Sharing", "DrawRequest", "PromptLogprobRange", "PromptLogprobs", "StepPlan", "StepResult",
+__all__ = ["PLACEHOLDER", "TransferKind", "KVTransfer", "Sharing", "DrawRequest", "PromptLogprobRange", "PromptLogprobs", "StepPlan", "StepResult",
            "SamplingRow", "SamplerOutput", "TokenBitmask"]
 
 PLACEHOLDER = -1  # token id of a draw still on the GPU; the step that reads it takes it from there
+
+
+class TransferKind(IntEnum):
+    """What a `KVTransfer` moves: `src` and `dst` index GPU pages or host-tier slots as named."""
+
+    COPY = 0  # GPU page -> GPU page (a fork's partly filled last page)
+    OFFLOAD = 1  # GPU page -> host slot (evicted to the host tier)
+    LOAD = 2  # host slot -> GPU page (a host-tier hit)
+    SAVE_GPU = 3  # GPU page -> disk file named by keys[i] (dst unused)
+    SAVE_HOST = 4  # host slot -> disk file named by keys[i] (dst unused)
+
+
+@dataclass
+class KVTransfer:
+    """One move of KV pages between places; a plan's transfers run in order before its step
+    writes any KV, and within one transfer no page is written twice nor read after it is written."""
+
+    kind: TransferKind
+    src: np.ndarray  # [N] int32
+    dst: np.ndarray  # [N] int32
+    keys: np.ndarray | None = None  # [N, 16] uint8: content keys (saves to disk)
 
 
 @dataclass
@@ -69,8 +91,8 @@ class StepPlan:
 
     Row b's new tokens are input_ids[query_start[b]:query_start[b+1]], at positions from
     num_computed[b]; its KV pages are kv_indices[kv_indptr[b]:kv_indptr[b+1]]. A PLACEHOLDER
-    token is replaced on the device by a previous step's draw (`pending`). `page_copies` run
-    before the step writes any KV (forks' partly filled last pages).
+    token is replaced on the device by a previous step's draw (`pending`). `transfers` run, in
+    order, before the step writes any KV (forks' page copies, tier moves).
     """
 
     input_ids: np.ndarray  # [T] int64
@@ -84,13 +106,19 @@ class StepPlan:
     pending: list[tuple[int, int]] = field(default_factory=list)  # (token index, previous step's draw row)
     sharing: Sharing | None = None
     sharing_key: int = -1  # equal keys: equal sharing (the worker reuses what it built from it)
-    page_copies: np.ndarray | None = None  # [N, 2] int32: (source page, destination page)
+    transfers: list[KVTransfer] = field(default_factory=list)
     bitmask: TokenBitmask | None = None  # synchronous step: allowed tokens of its constrained draw rows
     prompt_logprobs: list[PromptLogprobRange] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
         return len(self.num_computed)
+
+    @property
+    def page_copies(self) -> np.ndarray | None:
+        """The GPU page copies among the transfers ([N, 2] int32: source, destination), or None."""
+        copies = [np.stack([t.src, t.dst], axis=1) for t in self.transfers if t.kind is TransferKind.COPY]
+        return np.concatenate(copies).astype(np.int32) if copies else None
 
 
 @dataclass
