@@ -29,6 +29,7 @@ class TransferKind(IntEnum):
     LOAD = 2  # host slot -> GPU page (a host-tier hit)
     SAVE_GPU = 3  # GPU page -> disk file named by keys[i] (dst unused)
     SAVE_HOST = 4  # host slot -> disk file named by keys[i] (dst unused)
+    LOAD_DISK = 5  # the page of keys[i], read and checked by `Worker.read_disk_pages` -> GPU page dst[i]
 
 
 @dataclass

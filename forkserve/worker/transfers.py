@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from forkserve.worker.disk_store import DiskStore
 from forkserve.worker.kv_cache import KVCache
 from forkserve.worker.plan import KVTransfer, TransferKind
 
@@ -30,16 +31,27 @@ def runs(ids: np.ndarray) -> list[tuple[int, int, int]]:
 class KVTransfers:
     """Runs a plan's transfers against the KV tensors, the host pool and the disk store."""
 
-    def __init__(self, kv_cache: KVCache, num_host_slots: int = 0) -> None:
+    def __init__(self, kv_cache: KVCache, num_host_slots: int = 0, disk: DiskStore | None = None) -> None:
         self.kv = kv_cache
         self.device = kv_cache.k.device
         k = kv_cache.k
         self.page_shape = (2, k.shape[0]) + tuple(k.shape[2:])  # one page: K and V of every layer
         self.host = torch.zeros((num_host_slots,) + self.page_shape, dtype=k.dtype,
                                 pin_memory=self.device.type == "cuda") if num_host_slots else None
+        self.disk = disk
+        self._read: dict[bytes, torch.Tensor] = {}  # pages read from disk, waiting for their LOAD_DISK
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.bytes_per_page = int(np.prod(self.page_shape)) * k.element_size()
         self.pages_moved = {kind.name.lower(): 0 for kind in TransferKind}
+
+    def stats(self) -> dict[str, int | float]:
+        """Pages moved per transfer kind, with bytes, and the disk tier's counts and seconds."""
+        moved = {f"kv_transfer_pages_{kind}": n for kind, n in self.pages_moved.items()}
+        moved.update(kv_host_bytes_offloaded=self.pages_moved["offload"] * self.bytes_per_page,
+                     kv_host_bytes_loaded=self.pages_moved["load"] * self.bytes_per_page)
+        if self.disk is not None:
+            moved.update(self.disk.counts, **self.disk.seconds)
+        return moved
 
     @property
     def num_host_slots(self) -> int:
@@ -72,8 +84,39 @@ class KVTransfers:
             for at, slot, n in runs(src):
                 staged[at:at + n].copy_(self.host[slot:slot + n], non_blocking=True)
             self.scatter(dst, staged)
+        elif kind is TransferKind.LOAD_DISK:
+            keys = [bytes(key) for key in transfer.keys]
+            self.scatter(dst, torch.stack([self._read.pop(key) for key in keys]).to(self.device, non_blocking=True))
         else:
-            raise ValueError(f"no disk store for a {kind.name} transfer")
+            self._save(transfer)
+
+    def read_disk_pages(self, keys: list[bytes]) -> int:
+        """Read and check the files of keys, in order, up to the first missing or bad one; the pages
+        wait (in host memory) for the LOAD_DISK transfer that puts them in GPU pages. Returns how many."""
+        if self.disk is None:
+            return 0
+        for i, key in enumerate(keys):
+            page = self._read.get(key)
+            if page is None:
+                page = self.disk.read(key)
+            if page is None:
+                return i
+            self._read[key] = page
+        return len(keys)
+
+    def _save(self, transfer: KVTransfer) -> None:
+        """Pages to disk files named by their keys. The host writes the files, so it waits for their
+        copy to the host: saves come in batches (evicted nodes, the end of a batch)."""
+        if self.disk is None:
+            raise ValueError(f"a {transfer.kind.name} transfer without a disk tier")
+        if transfer.kind is TransferKind.SAVE_GPU:
+            pages = self.gather(transfer.src).to("cpu")
+        else:
+            if self.stream is not None:
+                self.stream.synchronize()
+            pages = self.host[torch.from_numpy(transfer.src.astype(np.int64))]
+        for key, page in zip(transfer.keys, pages):
+            self.disk.write(bytes(key), page)
 
     def gather(self, pages: np.ndarray) -> torch.Tensor:
         """GPU pages as [n, 2, layers, page_size, kv_heads, head_dim] (a new tensor on the device)."""
