@@ -59,7 +59,9 @@ class Engine:
         self.request_metrics = EngineMetrics()  # vLLM's per-request histograms (time to first token, ...)
         self.steps = StepBuilder(config.page_size, cascade_rule, self.stop_token_ids)
         self.pool = PagePool(self.worker.num_pages, config.page_size)
-        self.tree = PrefixTree(self.pool, self.steps.transfers.copy, config.enable_prefix_caching)
+        host = PagePool(self.worker.num_host_slots, config.page_size) if self.worker.num_host_slots else None
+        self.tree = PrefixTree(self.pool, self.steps.transfers.copy, config.enable_prefix_caching, host,
+                               self.steps.transfers)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
@@ -80,7 +82,7 @@ class Engine:
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached page no sequence holds (vLLM's reset_prefix_cache); True when none is left."""
-        self.tree.evict(self.tree.num_evictable_pages)
+        self.tree.clear_cache()
         return self.tree.num_evictable_pages == 0
 
     def add_request(self, request_id: str, prompt: PromptInput | str | dict, params: SamplingParams) -> Request:
@@ -292,7 +294,8 @@ class Engine:
 
     def stats(self) -> dict[str, int | float]:
         """Totals since start (see `stats.engine_stats`)."""
-        return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use, self.worker.stats())
+        return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use,
+                            dict(self.worker.stats(), prefix_host_hit_tokens=self.tree.host_hit_tokens))
 
     def pages_in_use_series(self) -> list[int]:
         """Pages in use at the start of each of the last (up to 65,536) steps, oldest first."""
