@@ -102,6 +102,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     swap_space: float = 4  # GiB of CPU swap for preempted KV in vLLM v0; unused by vLLM v1 too
     cpu_offload_gb: float = 0
+    kv_offloading_size: float = 0  # GiB of host memory for KV pages evicted from the GPU pool (vLLM's name)
     disable_log_stats: bool = True
     # "auto": sampling defaults from the checkpoint's generation_config.json; "vllm": vLLM's own
     # defaults; or a directory holding a generation_config.json
@@ -161,6 +162,10 @@ class EngineConfig:
             raise ValueError("cpu_offload_gb is not supported yet: the weights stay on the device; use 0")
         if self.enable_lora:
             raise ValueError("enable_lora=True is not supported yet: merge the adapter into the weights first")
+        value = self.kv_offloading_size
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"invalid engine setting: kv_offloading_size must be a non-negative number of GiB, "
+                             f"got {value!r}")
         if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
             raise ValueError(f"invalid engine setting: swap_space must be a non-negative number, got {self.swap_space!r}")
 

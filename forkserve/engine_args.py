@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     parser.add_argument("--trust-remote-code", action="store_true", help="refused: no remote code is ever run")
     parser.add_argument("--revision", default=None, help="accepted: a local directory is its own revision")
     parser.add_argument("--download-dir", default=None, help="accepted: nothing is downloaded")
+    parser.add_argument("--kv-offloading-size", type=float, default=0,
+                        help="GiB of host memory for KV pages evicted from the GPU pool (0: no host tier)")
     parser.add_argument("--swap-space", type=float, default=4, help="accepted and unused, as in vLLM v1")
     parser.add_argument("--disable-log-stats", action="store_true", help="accepted (no periodic stats logging)")
 
@@ -53,4 +55,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                 trust_remote_code=args.trust_remote_code, revision=args.revision, download_dir=args.download_dir,
-                swap_space=args.swap_space, disable_log_stats=args.disable_log_stats)
+                swap_space=args.swap_space, disable_log_stats=args.disable_log_stats,
+                kv_offloading_size=args.kv_offloading_size)

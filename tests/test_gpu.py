@@ -622,3 +622,43 @@ def test_fp8_store_matches_the_reference_quantisation() -> None:
     fused.store_kv(k, v, cache.k[0], cache.v[0], slots, cache.k_scale, cache.v_scale)
     for pages, new, scale in ((cache.k, k, cache.k_scale), (cache.v, v, cache.v_scale)):
         assert same_bytes(pages[0].view(-1, 8, 128)[slots], cache.quantize(new, scale))
+
+
+def test_host_tier_transfers_on_their_stream_round_trip() -> None:
+    """OFFLOAD to pinned host slots and LOAD back run on the transfer stream, fenced with the
+    compute stream: a page written just before the offload and read just after the load is intact."""
+    import numpy as np
+
+    from forkserve.worker.plan import KVTransfer, TransferKind
+    from forkserve.worker.transfers import KVTransfers
+
+    device = torch.device("cuda")
+    cache = KVCache(64, 16, 4, 8, 128, torch.bfloat16, device)
+    transfers = KVTransfers(cache, num_host_slots=32)
+    assert transfers.host.is_pinned()
+    cache.k.normal_(), cache.v.normal_()  # queued on the compute stream, not waited for
+    want = cache.k[:, 3:19].clone(), cache.v[:, 3:19].clone()
+    pages, slots, back = np.arange(3, 19, dtype=np.int32), np.arange(32, 16, -1, dtype=np.int32) - 1, \
+        np.arange(40, 56, dtype=np.int32)
+    transfers.run([KVTransfer(TransferKind.OFFLOAD, pages, slots)])
+    cache.k[:, 3:19].zero_()  # the compute stream rewrites the pages after the offload
+    transfers.run([KVTransfer(TransferKind.LOAD, slots, back)])
+    assert torch.equal(cache.k[:, 40:56], want[0]) and torch.equal(cache.v[:, 40:56], want[1])
+
+
+def test_gpu_greedy_equal_with_host_tier(tiny_model_factory) -> None:  # noqa: ANN001
+    """Greedy outputs with a host tier under a pool far too small equal those without it, on the GPU path."""
+    model = str(tiny_model_factory("llama"))
+    docs = [[(7 * d + 3 * i) % 200 + 5 for i in range(256)] for d in range(8)]
+    prompts = [{"prompt_token_ids": doc + [210 + r, 220 + q]} for r in range(2) for doc in docs for q in range(2)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    runs = []
+    for size in (0, 0.01):
+        llm = LLM(model, dtype="float32", block_size=16, num_gpu_blocks_override=64, max_model_len=512,
+                  kv_offloading_size=size)
+        runs.append(([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)],
+                     llm.engine.stats()))
+        del llm
+        gc.collect()
+    assert runs[0][0] == runs[1][0]
+    assert runs[1][1]["prefix_host_hit_tokens"] > 0

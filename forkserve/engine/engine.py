@@ -1,6 +1,5 @@
-"""The step loop and request lifecycle of the core: it schedules, hands the worker a step plan, and
-reads back tokens (prompts come in validated and tokenized, outputs go out detokenized: inputs.py,
-output_processor.py)."""
+"""The core's step loop and request lifecycle: schedule, hand the worker a step plan, read back tokens
+(prompts come in tokenized: inputs.py; outputs go out detokenized: output_processor.py)."""
 from __future__ import annotations
 
 import itertools
@@ -59,7 +58,9 @@ class Engine:
         self.request_metrics = EngineMetrics()  # vLLM's per-request histograms (time to first token, ...)
         self.steps = StepBuilder(config.page_size, cascade_rule, self.stop_token_ids)
         self.pool = PagePool(self.worker.num_pages, config.page_size)
-        self.tree = PrefixTree(self.pool, self.steps.page_copies, config.enable_prefix_caching)
+        host = PagePool(self.worker.num_host_slots, config.page_size) if self.worker.num_host_slots else None
+        self.tree = PrefixTree(self.pool, self.steps.transfers.copy, config.enable_prefix_caching, host,
+                               self.steps.transfers)
         self.scheduler = Scheduler(self.tree, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    config.enable_chunked_prefill, config.reserve_output_kv,
                                    config.min_shared_prefix_len)
@@ -78,7 +79,7 @@ class Engine:
         return self.tokenizer
 
     def reset_prefix_cache(self) -> bool:  # vLLM's: drop every cached page no sequence holds; True when none is left
-        self.tree.evict(self.tree.num_evictable_pages)
+        self.tree.clear_cache()
         return self.tree.num_evictable_pages == 0
 
     def add_request(self, request_id: str, prompt: PromptInput | str | dict, params: SamplingParams) -> Request:
@@ -117,7 +118,6 @@ class Engine:
         return Request.start(request_id, prompt.text, prompt.token_ids, params, next(self._seq_ids), num_samples,
                              hold, bad_words)
 
-    # ----------------------------------------------------------------------------- branches
     def fork(self, parent: Sequence, k: int, request: Request | None = None) -> list[Sequence]:
         """k new sequences continuing parent's tokens on its KV (forks.fork_kv), queued to run: in
         parent's request (samples, beams) or starting `request` whose prompt is parent's tokens (tree
@@ -292,7 +292,8 @@ class Engine:
         self.worker.close()
 
     def stats(self) -> dict[str, int | float]:  # totals since start (stats.engine_stats)
-        return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use, self.worker.stats())
+        return engine_stats(self.counters, self.scheduler, self.pool.num_pages, self.pages_in_use,
+                            dict(self.worker.stats(), prefix_host_hit_tokens=self.tree.host_hit_tokens))
 
     def pages_in_use_series(self) -> list[int]:  # at the start of each of the last (up to 65,536) steps
         return list(self.counters.pages_series)

@@ -5,30 +5,12 @@ from array import array
 
 import numpy as np
 
+from forkserve.engine.locations import Transfers
 from forkserve.engine.scheduler import ScheduledSeq
 from forkserve.engine.sequence import Sequence
 from forkserve.engine.sharing import BatchSharing, CascadeRule
 from forkserve.worker.plan import (PLACEHOLDER, DrawRequest, PromptLogprobRange, PromptLogprobs, SamplingRow, StepPlan,
                                    TokenBitmask)
-
-
-class PageCopies:
-    """Page copies the prefix tree asks for (forks' partly filled last pages), held until the next
-    step's plan carries them to the worker, which runs them before that step writes any KV. A
-    copied page cannot change in between: only a step writes KV."""
-
-    def __init__(self) -> None:
-        self._pairs: list[tuple[int, int]] = []
-
-    def __call__(self, src: list[int], dst: list[int]) -> None:
-        self._pairs.extend(zip(src, dst))
-
-    def take(self) -> np.ndarray | None:
-        """The copies queued so far ([N, 2] int32), or None; the queue is emptied."""
-        if not self._pairs:
-            return None
-        pairs, self._pairs = self._pairs, []
-        return np.array(pairs, dtype=np.int32)
 
 
 class StepBuilder:
@@ -42,7 +24,7 @@ class StepBuilder:
         self.page_size = page_size
         self.stop_token_ids = stop_token_ids  # blocked before a request's min_tokens
         self.sharing = None if rule is None else BatchSharing(rule, page_size)
-        self.page_copies = PageCopies()
+        self.transfers = Transfers()  # page copies and tier moves, carried by the next plan
 
     def order(self, batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
         """Rows by tree path (sequences that share adjacent); in a step that also prefills, its
@@ -126,7 +108,7 @@ class StepBuilder:
         np.cumsum(new_tokens, out=query_start[1:])
         plan = StepPlan(np.asarray(input_ids, dtype=np.int64), query_start, starts, kv_indptr,
                         np.frombuffer(kv_indices, dtype=np.int32), logits_rows, draws, rows, pending,
-                        page_copies=self.page_copies.take(), bitmask=bitmask, prompt_logprobs=prompt_logprobs)
+                        transfers=self.transfers.take(), bitmask=bitmask, prompt_logprobs=prompt_logprobs)
         if self.sharing is not None and num_rows > 1:
             plan.sharing_key, plan.sharing = self.sharing.sharing([item.seq.kv.node for item in batch])
         return plan

@@ -5,6 +5,9 @@ Each page id is, at every moment, in exactly one of: the pool's free list, one t
 `ref_count` is the number of live sequences whose path passes through it (cumulative up to the
 root, as SGLang's lock_ref), so it also says how many running sequences share that prefix;
 `pin_count` works the same way for pins. Unreferenced, unpinned leaves are evicted LRU-first.
+
+The tree is the prefix index; where a node's pages are is its `Location` (engine/locations.py),
+and page copies it asks for are transfers the next step plan carries to the worker.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import itertools
 from array import array
 from typing import Callable, Iterable, Iterator, Sequence
 
+from forkserve.engine.locations import Location, Tier, Transfers
 from forkserve.engine.page_keys import page_keys
 from forkserve.engine.pages import OutOfPages, PagePool
+from forkserve.worker.plan import TransferKind
 
 CopyPages = Callable[[list[int], list[int]], None]
 EVICTION_BATCH = 64  # an eviction frees at least this fraction (1/64) of the pool
@@ -37,17 +42,22 @@ def common_prefix_len(a: list[int], b: list[int], step: int) -> int:
 
 
 class TreeNode:
-    __slots__ = ("parent", "children", "tokens", "pages", "ref_count", "pin_count", "last_access", "end")
+    __slots__ = ("parent", "children", "tokens", "loc", "ref_count", "pin_count", "last_access", "end")
 
     def __init__(self, parent: TreeNode | None, tokens: list[int], pages: list[int], end: int, clock: int) -> None:
         self.parent = parent
         self.children: dict[tuple[int, ...], TreeNode] = {}
-        self.tokens = tokens  # len(tokens) == len(pages) * page_size
-        self.pages = pages
+        self.tokens = tokens  # len(tokens) == len(loc.ids) * page_size
+        self.loc = Location(Tier.GPU, pages)
         self.ref_count = 0
         self.pin_count = 0
         self.last_access = clock
         self.end = end  # tokens from the root to the end of this node
+
+    @property
+    def pages(self) -> list[int]:
+        """The node's GPU page ids (none while its pages are in another tier)."""
+        return self.loc.ids if self.loc.tier is Tier.GPU else []
 
     @property
     def evictable(self) -> bool:
@@ -114,8 +124,16 @@ class SeqKV:
 
 
 class PrefixTree:
-    def __init__(self, pool: PagePool, copy_pages: CopyPages | None = None, enable_caching: bool = True) -> None:
+    def __init__(self, pool: PagePool, copy_pages: CopyPages | None = None, enable_caching: bool = True,
+                 host: PagePool | None = None, transfers: Transfers | None = None) -> None:
+        """With `host` (the host tier's slots) evicted nodes move there through `transfers` instead
+        of being dropped, and a match that reaches them brings them back to GPU pages."""
         self.pool = pool
+        self.host = host if host is not None and host.num_pages else None
+        self.transfers = transfers
+        if self.host is not None and transfers is None:
+            raise ValueError("a host tier needs the transfers queue that moves its pages")
+        self.host_hit_tokens = 0  # prompt tokens matched in the host tier and loaded back
         self.page_size = pool.page_size
         self.copy_pages = copy_pages
         self.enable_caching = enable_caching
@@ -175,11 +193,12 @@ class PrefixTree:
         order along every path is unchanged.
         """
         ps = self.page_size
-        head = TreeNode(node.parent, node.tokens[:k * ps], node.pages[:k], node.end - (len(node.pages) - k) * ps,
+        head = TreeNode(node.parent, node.tokens[:k * ps], [], node.end - (len(node.loc.ids) - k) * ps,
                         node.last_access)
+        head.loc = node.loc.split(k)
         head.ref_count, head.pin_count = node.ref_count, node.pin_count
         node.parent.children[self._key(head.tokens)] = head
-        node.tokens, node.pages = node.tokens[k * ps:], node.pages[k:]
+        node.tokens = node.tokens[k * ps:]
         node.parent = head
         head.children[self._key(node.tokens)] = node
         return head
@@ -192,13 +211,13 @@ class PrefixTree:
             if child is None:
                 break
             k = self._matching_pages(child, tokens, pos)
-            if k < len(child.pages):
+            if k < len(child.loc.ids):
                 if split:
                     node, pos = self._split(child, k), pos + k * ps
                 else:
                     pos += k * ps
                 break
-            node, pos = child, pos + len(child.pages) * ps
+            node, pos = child, pos + len(child.loc.ids) * ps
         return node, pos
 
     def match_len(self, tokens: Sequence[int]) -> int:
@@ -213,7 +232,28 @@ class PrefixTree:
         """A new sequence's KV, starting from the longest cached page-aligned prefix of tokens."""
         node, matched = self._walk(tokens, split=True) if self.enable_caching else (self.root, 0)
         self._adjust(node, 1, 0)
+        if node.loc.tier is Tier.HOST:
+            node, matched = self._load_from_host(node)
         return SeqKV(node, self._path_pages(node), matched)
+
+    def _load_from_host(self, node: TreeNode) -> tuple[TreeNode, int]:
+        """Bring the host-tier nodes at the end of node's (locked) path back to GPU pages; when
+        the pool has no room for them, the match ends above them (the lock moves there)."""
+        path = node.path()
+        moving = [n for n in path if n.loc.tier is Tier.HOST]  # a suffix of the path
+        need = sum(len(n.loc.ids) for n in moving)
+        if self._make_room(need):
+            for n in moving:
+                pages = self.pool.allocate(len(n.loc.ids))
+                self.transfers.add(TransferKind.LOAD, n.loc.ids, pages)
+                self.host.free(n.loc.ids)
+                n.loc = Location(Tier.GPU, pages)
+            self.host_hit_tokens += need * self.page_size
+            return node, node.end
+        top = moving[0].parent
+        self._adjust(node, -1, 0)
+        self._adjust(top, 1, 0)
+        return top, top.end
 
     def reserve(self, seq: SeqKV, num_tokens: int) -> bool:
         """Give seq pages for num_tokens tokens in all, evicting cache if needed; False if impossible."""
@@ -266,9 +306,14 @@ class PrefixTree:
                 node, pos = child, len(run)
                 break
             k = self._matching_pages(child, run, pos)
-            if k < len(child.pages):
+            if k < len(child.loc.ids):
                 child = self._split(child, k)
-            self.pool.free(mine[pos // ps:pos // ps + k])
+            if child.loc.tier is Tier.HOST:  # the sequence computed it again: its pages replace the host copy
+                self.host.free(child.loc.ids)
+                child.loc = Location(Tier.GPU, mine[pos // ps:pos // ps + k])
+                self._evictable_pages += k if child.evictable else 0
+            else:
+                self.pool.free(mine[pos // ps:pos // ps + k])
             added += child.pages
             node, pos = child, pos + k * ps
         self._adjust(node, 1, 0)
@@ -332,6 +377,8 @@ class PrefixTree:
         if not self.enable_caching or self.match_len(tokens) < len(tokens):
             return None
         node, _ = self._walk(tokens, split=True)
+        if node.loc.tier is not Tier.GPU:
+            return None
         self.pin(node)
         return node
 
@@ -343,8 +390,11 @@ class PrefixTree:
             self._drop_unused(node)
 
     def _remove_leaf(self, node: TreeNode) -> None:
-        self.pool.free(node.pages)
-        self._evictable_pages -= len(node.pages)
+        if node.loc.tier is Tier.GPU:
+            self.pool.free(node.pages)
+            self._evictable_pages -= len(node.pages)
+        else:
+            self.host.free(node.loc.ids)
         del node.parent.children[self._key(node.tokens)]
         node.parent = None
 
@@ -359,21 +409,71 @@ class PrefixTree:
         """Content keys of node's pages (page_keys.py), computed on demand from its path's tokens:
         what a host or disk tier, or another replica, names these pages by."""
         tokens = [t for n in node.path() for t in n.tokens]
-        return page_keys(tokens, self.page_size)[len(tokens) // self.page_size - len(node.pages):]
+        return page_keys(tokens, self.page_size)[len(tokens) // self.page_size - len(node.loc.ids):]
 
-    def evict(self, num_pages: int) -> int:
-        """Free at least num_pages from least recently used unheld leaves (fewer if not possible)."""
-        heap = [(n.last_access, id(n), n) for n in self.iter_nodes() if n.evictable and not n.children]
+    @staticmethod
+    def _gpu_leaf(node: TreeNode) -> bool:
+        """On the GPU with no child there (its children, if any, are in the host tier)."""
+        return node.loc.tier is Tier.GPU and all(c.loc.tier is not Tier.GPU for c in node.children.values())
+
+    def evict(self, num_pages: int, spill: bool = True) -> int:
+        """Free at least num_pages GPU pages from least recently used unheld leaves (fewer if not
+        possible): to the host tier when there is one (and spill), else dropped with what hangs below."""
+        heap = [(n.last_access, id(n), n) for n in self.iter_nodes() if n.evictable and self._gpu_leaf(n)]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_pages:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             freed += len(node.pages)
-            self._remove_leaf(node)
-            if parent.parent is not None and parent.evictable and not parent.children:
+            if spill and self.host is not None and self._host_room(len(node.loc.ids)):
+                self._spill(node)
+            else:
+                self._drop_subtree(node)
+            if parent.parent is not None and parent.evictable and self._gpu_leaf(parent):
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
+
+    def _spill(self, node: TreeNode) -> None:
+        """An unheld GPU node's pages to host slots (an OFFLOAD transfer); its GPU pages are freed."""
+        slots = self.host.allocate(len(node.loc.ids))
+        self.transfers.add(TransferKind.OFFLOAD, node.loc.ids, slots)
+        self.pool.free(node.loc.ids)
+        self._evictable_pages -= len(node.loc.ids)
+        node.loc = Location(Tier.HOST, slots)
+
+    def _drop_subtree(self, node: TreeNode) -> None:
+        """Remove an unheld node and everything below it (host-tier nodes), leaves first."""
+        for child in list(node.children.values()):
+            self._drop_subtree(child)
+        self._remove_leaf(node)
+
+    def _host_room(self, num_slots: int) -> bool:
+        """Make num_slots host slots free by dropping least recently used host leaves (at least
+        1/EVICTION_BATCH of the host pool at a time, as on the GPU); False if impossible."""
+        if num_slots > self.host.num_pages:
+            return False
+        if self.host.num_free >= num_slots:
+            return True
+        heap = [(n.last_access, id(n), n) for n in self.iter_nodes()
+                if n.loc.tier is Tier.HOST and n.evictable and not n.children]
+        heapq.heapify(heap)
+        target = max(num_slots - self.host.num_free, self.host.num_pages // EVICTION_BATCH)
+        freed = 0
+        while heap and freed < target:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            freed += len(node.loc.ids)
+            self._remove_leaf(node)
+            if parent.loc.tier is Tier.HOST and parent.evictable and not parent.children:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return self.host.num_free >= num_slots
+
+    def clear_cache(self) -> None:
+        """Drop every cached page nobody holds, in every tier (nothing is written anywhere)."""
+        self.evict(self._evictable_pages, spill=False)
+        if self.host is not None:
+            self._host_room(self.host.num_pages)
 
     # --------------------------------------------------------------------------- checking
     def check_invariants(self, live: Iterable[SeqKV] | None = None) -> None:
@@ -400,10 +500,17 @@ class PrefixTree:
             for node in seq.node.path():
                 refs[id(node)] = refs.get(id(node), 0) + 1
         evictable = 0
+        slots: set[int] = set()
         for node in self.iter_nodes():
             for page in node.pages:
                 own(page, repr(node))
-            assert len(node.tokens) == len(node.pages) * ps and node.pages, f"unaligned or empty {node}"
+            if node.loc.tier is Tier.HOST:
+                assert node.evictable and all(c.loc.tier is Tier.HOST for c in node.children.values()), \
+                    f"held host node or GPU node below host node {node}"
+                assert not slots & set(node.loc.ids) and len(set(node.loc.ids)) == len(node.loc.ids), "slot twice"
+                assert not any(self.host.is_free(s) for s in node.loc.ids), "a node holds a free host slot"
+                slots.update(node.loc.ids)
+            assert len(node.tokens) == len(node.loc.ids) * ps and node.loc.ids, f"unaligned or empty {node}"
             assert node.parent.children[self._key(node.tokens)] is node, "child key mismatch"
             assert node.end == node.parent.end + len(node.tokens), "wrong end offset"
             assert node.ref_count >= 0 and node.pin_count >= 0
@@ -413,4 +520,6 @@ class PrefixTree:
             assert node.pin_count >= sum(c.pin_count for c in node.children.values())
             evictable += len(node.pages) if node.evictable else 0
         assert len(owner) == self.pool.num_pages, "pages lost"
+        if self.host is not None:
+            assert len(slots) + self.host.num_free == self.host.num_pages, "host slots lost"
         assert evictable == self._evictable_pages, f"evictable count {self._evictable_pages} != {evictable}"

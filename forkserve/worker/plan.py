@@ -9,15 +9,38 @@ core imports the worker through it and `worker.worker.Worker` only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 
 from forkserve.sampler import SamplerOutput, SamplingRow, TokenBitmask
 
-__all__ = ["PLACEHOLDER", "Sharing", "DrawRequest", "PromptLogprobRange", "PromptLogprobs", "StepPlan", "StepResult",
+__all__ = ["PLACEHOLDER", "TransferKind", "KVTransfer", "Sharing", "DrawRequest", "PromptLogprobRange", "PromptLogprobs", "StepPlan", "StepResult",
            "SamplingRow", "SamplerOutput", "TokenBitmask"]
 
 PLACEHOLDER = -1  # token id of a draw still on the GPU; the step that reads it takes it from there
+
+
+class TransferKind(IntEnum):
+    """What a `KVTransfer` moves: `src` and `dst` index GPU pages or host-tier slots as named."""
+
+    COPY = 0  # GPU page -> GPU page (a fork's partly filled last page)
+    OFFLOAD = 1  # GPU page -> host slot (evicted to the host tier)
+    LOAD = 2  # host slot -> GPU page (a host-tier hit)
+    SAVE_GPU = 3  # GPU page -> disk file named by keys[i] (dst unused)
+    SAVE_HOST = 4  # host slot -> disk file named by keys[i] (dst unused)
+    LOAD_DISK = 5  # the page of keys[i], read and checked by `Worker.read_disk_pages` -> GPU page dst[i]
+
+
+@dataclass
+class KVTransfer:
+    """One move of KV pages between places; a plan's transfers run in order before its step
+    writes any KV, and within one transfer no page is written twice nor read after it is written."""
+
+    kind: TransferKind
+    src: np.ndarray  # [N] int32
+    dst: np.ndarray  # [N] int32
+    keys: np.ndarray | None = None  # [N, 16] uint8: content keys (saves to disk)
 
 
 @dataclass
@@ -69,8 +92,8 @@ class StepPlan:
 
     Row b's new tokens are input_ids[query_start[b]:query_start[b+1]], at positions from
     num_computed[b]; its KV pages are kv_indices[kv_indptr[b]:kv_indptr[b+1]]. A PLACEHOLDER
-    token is replaced on the device by a previous step's draw (`pending`). `page_copies` run
-    before the step writes any KV (forks' partly filled last pages).
+    token is replaced on the device by a previous step's draw (`pending`). `transfers` run, in
+    order, before the step writes any KV (forks' page copies, tier moves).
     """
 
     input_ids: np.ndarray  # [T] int64
@@ -84,13 +107,19 @@ class StepPlan:
     pending: list[tuple[int, int]] = field(default_factory=list)  # (token index, previous step's draw row)
     sharing: Sharing | None = None
     sharing_key: int = -1  # equal keys: equal sharing (the worker reuses what it built from it)
-    page_copies: np.ndarray | None = None  # [N, 2] int32: (source page, destination page)
+    transfers: list[KVTransfer] = field(default_factory=list)
     bitmask: TokenBitmask | None = None  # synchronous step: allowed tokens of its constrained draw rows
     prompt_logprobs: list[PromptLogprobRange] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
         return len(self.num_computed)
+
+    @property
+    def page_copies(self) -> np.ndarray | None:
+        """The GPU page copies among the transfers ([N, 2] int32: source, destination), or None."""
+        copies = [np.stack([t.src, t.dst], axis=1) for t in self.transfers if t.kind is TransferKind.COPY]
+        return np.concatenate(copies).astype(np.int32) if copies else None
 
 
 @dataclass
@@ -108,7 +137,7 @@ class StepResult:
 # the plan less its sampling part (draws, rows, bitmask): flat integer arrays behind a header of
 # their dtypes and shapes, no pickle.
 EXECUTE, LAUNCH = 0, 1  # a synchronous step; a launched one (its draws follow as a broadcast)
-_ARRAY_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+_ARRAY_DTYPES = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.uint8))
 _HEADER_LENGTH = np.dtype("<u8")
 
 
@@ -146,13 +175,16 @@ def unpack_arrays(message: bytes) -> list[np.ndarray]:
 def encode_for_ranks(plan: StepPlan, kind: int) -> bytes:
     """The part of `plan` every rank needs for the forward (all but its sampling), and its kind."""
     sharing = plan.sharing
-    scalars = [kind, plan.sharing_key, sharing is not None, plan.page_copies is not None,
+    scalars = [kind, plan.sharing_key, sharing is not None, len(plan.transfers),
                len(sharing.groups) if sharing is not None else 0, len(plan.prompt_logprobs)]
     arrays = [np.array(scalars, dtype=np.int64), plan.input_ids, plan.query_start, plan.num_computed,
               plan.kv_indptr, plan.kv_indices, np.array(plan.logits_rows, dtype=np.int64),
               np.array(plan.pending, dtype=np.int64).reshape(-1, 2)]
-    if plan.page_copies is not None:
-        arrays.append(plan.page_copies)
+    for transfer in plan.transfers:  # every rank moves its own heads' share of the same pages and slots
+        arrays += [np.array([transfer.kind, transfer.keys is not None], dtype=np.int64),
+                   np.asarray(transfer.src, dtype=np.int32), np.asarray(transfer.dst, dtype=np.int32)]
+        if transfer.keys is not None:
+            arrays.append(np.asarray(transfer.keys, dtype=np.uint8))
     if sharing is not None:
         arrays += [sharing.group_of_row, sharing.cuts, *sharing.groups]
     ranges = plan.prompt_logprobs
@@ -164,10 +196,14 @@ def encode_for_ranks(plan: StepPlan, kind: int) -> bytes:
 def decode_for_ranks(message: bytes) -> tuple[int, StepPlan]:
     """(kind, plan) from encode_for_ranks' bytes; the plan has no sampling part."""
     arrays = iter(unpack_arrays(message))
-    kind, sharing_key, has_sharing, has_copies, levels, num_ranges = next(arrays).tolist()
+    kind, sharing_key, has_sharing, num_transfers, levels, num_ranges = next(arrays).tolist()
     input_ids, query_start, num_computed, kv_indptr, kv_indices = (next(arrays) for _ in range(5))
     logits_rows, pending = next(arrays).tolist(), [tuple(p) for p in next(arrays).tolist()]
-    page_copies = next(arrays) if has_copies else None
+    transfers = []
+    for _ in range(num_transfers):
+        transfer_kind, has_keys = next(arrays).tolist()
+        src, dst = next(arrays), next(arrays)
+        transfers.append(KVTransfer(TransferKind(transfer_kind), src, dst, next(arrays) if has_keys else None))
     sharing = None
     if has_sharing:
         group_of_row, cuts = next(arrays), next(arrays)
@@ -176,5 +212,5 @@ def decode_for_ranks(message: bytes) -> tuple[int, StepPlan]:
     prompt_logprobs = [PromptLogprobRange(row, first, next(arrays), top_k) for row, first, top_k in ranges]
     assert len(ranges) == num_ranges
     return kind, StepPlan(input_ids, query_start, num_computed, kv_indptr, kv_indices, logits_rows,
-                          pending=pending, sharing=sharing, sharing_key=sharing_key, page_copies=page_copies,
+                          pending=pending, sharing=sharing, sharing_key=sharing_key, transfers=transfers,
                           prompt_logprobs=prompt_logprobs)

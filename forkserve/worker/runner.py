@@ -16,6 +16,7 @@ from forkserve.transfer import to_device
 from forkserve.worker.cuda_graphs import DecodeGraphs, padded_size
 from forkserve.worker.forking_sampler import ForkingSampler
 from forkserve.worker.kv_cache import KVCache
+from forkserve.worker.transfers import KVTransfers
 from forkserve.worker.plan import PromptLogprobRange, PromptLogprobs, StepPlan, StepResult
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are computed at once for prompt_logprobs
@@ -73,9 +74,11 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, backend: AttentionBackend,
                  sampler: ForkingSampler, device: torch.device, graphs: DecodeGraphs | None = None,
-                 cascade: CascadePlanner | None = None, logits_sizes: list[int] | None = None) -> None:
+                 cascade: CascadePlanner | None = None, logits_sizes: list[int] | None = None,
+                 transfers: KVTransfers | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.transfers = transfers or KVTransfers(kv_cache)
         self.backend = backend
         self.sampler = sampler
         self.device = device
@@ -125,8 +128,8 @@ class ModelRunner:
                  ) -> tuple[torch.Tensor | None, list[PromptLogprobs]]:
         """Logits at each of the plan's logits rows (None if there are none), and the prompt
         logprobs the plan asks for; placeholders take `previous_tokens` (a launched step's draws)."""
-        if plan.page_copies is not None:
-            self.kv_cache.copy_pages(plan.page_copies)
+        if plan.transfers:
+            self.transfers.run(plan.transfers)
         input_ids, positions, meta = build_metadata(plan, self.kv_cache, self.device, self.cascade)
         self._count_kv_reads(meta)
         if plan.pending:

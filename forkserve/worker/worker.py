@@ -36,6 +36,7 @@ from forkserve.worker.kv_cache import KVCache
 from forkserve.worker.memory import StepMemory, kv_pool_bytes, profile_step_memory
 from forkserve.worker.plan import EXECUTE, LAUNCH, StepPlan, StepResult, decode_for_ranks, encode_for_ranks
 from forkserve.worker.runner import LaunchedStep, ModelRunner
+from forkserve.worker.transfers import KVTransfers
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +86,19 @@ class Worker:
         backend = self._make_backend()  # before the pool: its workspace is part of what the pool's sizing finds in use
         sampler = Sampler(config.seed, self.device, config.flashinfer_sampling)
         self.kv_cache = self._make_kv_cache(sampler)
+        self.transfers = self._make_transfers()
         self.runner = ModelRunner(self.model, self.kv_cache, backend, ForkingSampler(sampler, config.max_num_seqs),
                                   self.device, self._make_graphs(backend), CascadePlanner() if max_levels else None,
-                                  self._logits_sizes())
+                                  self._logits_sizes(), self.transfers)
 
     @property
     def num_pages(self) -> int:
         return self.kv_cache.num_pages
+
+    @property
+    def num_host_slots(self) -> int:
+        """Pages the host tier holds (kv_offloading_size); 0 without one."""
+        return self.transfers.num_host_slots
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run a step and wait for its draws (None when nothing samples)."""
@@ -150,7 +157,7 @@ class Worker:
         would have read, and the steps with shared-prefix levels."""
         runner = self.runner
         return dict(cascade_steps=runner.cascade_steps, kv_pages_read=runner.kv_pages_read,
-                    kv_pages_listed=runner.kv_pages_listed)
+                    kv_pages_listed=runner.kv_pages_listed, **self.transfers.stats())
 
     # ----------------------------------------------------------------------------- set-up
     def _make_kv_cache(self, sampler: Sampler) -> KVCache:
@@ -173,6 +180,15 @@ class Worker:
             num_pages = self.tp.min_int(num_pages)  # every rank's pool holds the same page ids
         return KVCache(num_pages, cfg.page_size, mc.num_layers, self.model.shard.num_kv_heads, mc.head_dim,
                        self.kv_dtype, self.device)
+
+    def _make_transfers(self) -> KVTransfers:
+        """The transfers' runner, with the host tier's pool of kv_offloading_size GiB (pinned on CUDA)."""
+        kv = self.kv_cache
+        page_bytes = KVCache.bytes_per_page(kv.k.shape[0], kv.k.shape[3], kv.k.shape[4], kv.page_size, kv.k.dtype)
+        slots = int(self.config.kv_offloading_size * (1 << 30)) // page_bytes
+        if slots:
+            logger.info("KV host tier: %d pages (%.2f GiB)", slots, slots * page_bytes / (1 << 30))
+        return KVTransfers(kv, slots)
 
     def _pool_bytes_left(self, sampler: Sampler) -> int:
         """What gpu_memory_utilization leaves for the pool once the largest step's measured peak
